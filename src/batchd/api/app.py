@@ -1,0 +1,104 @@
+"""The ASGI application: ``create_app(settings, store, blobs)``.
+
+Everything the handlers need is built here and kept on ``app.state``; nothing at import
+time. Hooks (the embedded engine, for one) run inside the lifespan, so they start with the
+server and stop with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.responses import Response
+
+from batchd.api import errors
+from batchd.api.auth import Authenticator
+from batchd.api.routes import Services, build_router, json_response
+from batchd.blobs.base import Blobs
+from batchd.config import Settings
+from batchd.service.activation import Activator
+from batchd.service.batches import BatchService
+from batchd.service.files import FileService
+from batchd.store.sql import Store
+
+log = logging.getLogger(__name__)
+
+PREFIXES = ("/v1", "/openai", "/openai/v1")
+
+
+class Background:
+    """Tasks the API starts and does not wait for (validating an upload). They are kept
+    referenced until done and cancelled at shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def create_app(
+    settings: Settings,
+    store: Store,
+    blobs: Blobs,
+    *,
+    owner: str,
+    hooks: Sequence[contextlib.AbstractAsyncContextManager[Any]] = (),
+) -> FastAPI:
+    background = Background()
+    activator = Activator(settings, store)
+    services = Services(
+        files=FileService(settings, store, blobs, activator, owner),
+        batches=BatchService(settings, store, activator),
+        auth=Authenticator(settings.auth),
+        max_upload_bytes=settings.limits.max_file_bytes,
+        background=background,
+    )
+    ready = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not services.auth.enabled:
+            log.warning("no [auth] table: every request is accepted without a key (local use only)")
+        async with contextlib.AsyncExitStack() as stack:
+            for hook in hooks:
+                await stack.enter_async_context(hook)
+            await store.ping()
+            ready.set()
+            try:
+                yield
+            finally:
+                ready.clear()
+                await background.close()
+
+    app = FastAPI(
+        title="batchd",
+        summary="The OpenAI and Azure OpenAI Batch API, self-hosted",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    errors.install(app)
+    router = build_router()
+    for prefix in PREFIXES:
+        app.include_router(router, prefix=prefix, include_in_schema=prefix == "/v1")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        if not ready.is_set():
+            return json_response({"status": "starting"}, 503)
+        return json_response({"status": "ok"})
+
+    return app

@@ -1,0 +1,98 @@
+"""The OpenAI error envelope, for every error the HTTP API returns.
+
+``{"error": {"message", "type", "param", "code"}}``. Final client errors carry
+``x-should-retry: false`` so that the SDK does not retry them (it retries 408, 409, 429, 5xx).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from batchd.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    416: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    body = {
+        "error": {
+            "message": message,
+            "type": type_ or _TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+    h = dict(headers or {})
+    if 400 <= status < 500 and status != 429:
+        h["x-should-retry"] = "false"
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=h
+    )
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(
+        exc.status_code, exc.message, type_=exc.error_type, code=exc.code, param=exc.param
+    )
+
+
+async def _validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body", "header")]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "Invalid request")
+    return error_response(
+        400, f"Invalid parameter {param}: {msg}", code="invalid_value", param=param
+    )
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = str(exc.detail) if exc.detail else "Error"
+    if exc.status_code == 404:
+        message = "Not found: no such route."
+    return error_response(exc.status_code, message, code=code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(
+        500, "The server had an error processing your request.", code="server_error"
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,85 @@
+"""The backend contract: where one request of a batch runs.
+
+A backend takes the request's endpoint path and the raw JSON bytes of its ``body`` and
+returns the status code and the raw bytes of the answer. The engine never parses HTTP and
+the backend never sees a batch: limits, retries and checkpoints live in ``engine/``.
+
+Exceptions (all derive from :class:`batchd.errors.BatchdError`)::
+
+    UpstreamError            a request that got no HTTP answer
+    ├── UpstreamTimeout      connect or read timed out        (retried)
+    └── UpstreamUnavailable  connection refused, reset, DNS   (retried)
+    BackendUnavailable       the backend cannot run at all, e.g. a model package is missing (final)
+
+An HTTP answer is never an exception: a 429 or a 500 is an :class:`UpstreamResponse`, and
+:func:`batchd.engine.retry.classify` decides in one place whether it is retried.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from batchd.errors import BatchdError
+
+# The endpoints a batch may name, in their canonical OpenAI spelling.
+ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+)
+
+
+def normalise_endpoint(url: str) -> str | None:
+    """Map an OpenAI (``/v1/chat/completions``) or Azure (``/chat/completions``) path to the
+    canonical one, or ``None`` when it names no supported endpoint."""
+    path = url.split("?", 1)[0].rstrip("/")
+    if not path.startswith("/v1/"):
+        path = "/v1" + (path if path.startswith("/") else "/" + path)
+    return path if path in ENDPOINTS else None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """An answer from a backend: its status and body exactly as sent."""
+
+    status_code: int
+    body: bytes
+    request_id: str = ""
+    retry_after: float | None = None  # seconds, from a ``retry-after`` header
+
+
+class UpstreamError(BatchdError):
+    """No HTTP answer was received; the request may be retried."""
+
+
+class UpstreamTimeout(UpstreamError):
+    pass
+
+
+class UpstreamUnavailable(UpstreamError):
+    pass
+
+
+class BackendUnavailable(BatchdError):
+    """The backend cannot serve any request (for example a model package is not installed).
+
+    Final: the request goes to the error file with this message."""
+
+
+class Backend(abc.ABC):
+    """One deployment's way of running a request.
+
+    ``send`` may be called concurrently up to the deployment's ``max_concurrency``; a backend
+    that batches internally (the embedded model) gathers the concurrent calls itself.
+    """
+
+    @abc.abstractmethod
+    async def send(self, endpoint: str, body: bytes, *, time_limit: float) -> UpstreamResponse:
+        """Run one request. ``endpoint`` is canonical (``/v1/...``); ``body`` is the JSON
+        object of the input line's ``body`` as bytes; ``time_limit`` is the most seconds to wait."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions, threads and models."""

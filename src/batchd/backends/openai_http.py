@@ -1,0 +1,95 @@
+"""An OpenAI-compatible HTTP upstream (vLLM, SGLang, llama.cpp, Ollama, TGI, OpenAI, Azure).
+
+One aiohttp session per deployment with a connector sized to its ``max_concurrency``;
+explicit connect and read timeouts. The answer's body is returned as the bytes received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+
+from batchd.backends.base import (
+    Backend,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+CONNECT_TIMEOUT = 10.0
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``retry-after`` as seconds or an HTTP date; ``retry-after-ms`` handled by the caller."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class OpenAIHTTPBackend(Backend):
+    def __init__(self, base_url: str, *, api_key: str | None, max_concurrency: int) -> None:
+        self._base = base_url.rstrip("/")
+        # Paths are canonical /v1/...; a base_url that already ends in /v1 takes the rest.
+        self._strip_v1 = self._base.endswith("/v1")
+        self._headers = {"content-type": "application/json"}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+            self._headers["api-key"] = api_key
+        self._max = max_concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    def _url(self, endpoint: str) -> str:
+        return self._base + (endpoint[3:] if self._strip_v1 else endpoint)
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._max, limit_per_host=self._max, keepalive_timeout=60
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, auto_decompress=True
+            )
+        return self._session
+
+    async def send(self, endpoint: str, body: bytes, *, time_limit: float) -> UpstreamResponse:
+        session = self._get_session()
+        t = aiohttp.ClientTimeout(
+            total=time_limit, connect=min(CONNECT_TIMEOUT, time_limit), sock_read=time_limit
+        )
+        try:
+            async with session.post(self._url(endpoint), data=body, timeout=t) as resp:
+                data = await resp.read()
+                retry_ms = resp.headers.get("retry-after-ms")
+                retry_after = (
+                    float(retry_ms) / 1000
+                    if retry_ms and retry_ms.replace(".", "", 1).isdigit()
+                    else parse_retry_after(resp.headers.get("retry-after"))
+                )
+                request_id = (
+                    resp.headers.get("x-request-id")
+                    or resp.headers.get("apim-request-id")
+                    or f"req_{uuid.uuid4().hex}"
+                )
+                return UpstreamResponse(resp.status, data, request_id, retry_after)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream timed out after {time_limit:.0f}s") from exc
+        except asyncio.TimeoutError as exc:  # noqa: UP041 - aiohttp may raise either name
+            raise UpstreamTimeout(f"upstream timed out after {time_limit:.0f}s") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"upstream connection failed: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

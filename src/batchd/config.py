@@ -1,0 +1,202 @@
+"""Configuration: one :class:`Settings` object, built once at start-up and passed down.
+
+Sources, highest priority first: ``BATCHD_*`` environment variables (nested with ``__``, e.g.
+``BATCHD_ENGINE__EMBEDDED=false``; lists and tables as JSON), the TOML file given with
+``--config`` (or ``BATCHD_CONFIG``), then the defaults below. An unknown key, a wrong type or a
+deployment without what its backend needs stops the start with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from batchd.errors import ConfigError
+
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class S3Settings(_Strict):
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region: str | None = None
+
+
+class AuthSettings(_Strict):
+    keys: dict[str, str] = Field(default_factory=dict, description="API key -> project")
+
+
+class Deployment(_Strict):
+    model: str
+    backend: Literal["openai", "local"] = "openai"
+    base_url: str | None = None
+    local_model: str | None = None
+    api_key: str | None = None
+    max_concurrency: int = Field(default=64, ge=1, le=100_000)
+    rpm: int = Field(default=0, ge=0)
+    tpm: int = Field(default=0, ge=0)
+    enqueued_token_limit: int = Field(default=0, ge=0)
+    timeout: float = Field(default=600.0, gt=0, description="seconds for one upstream request")
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> Deployment:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError(f"deployment {self.model!r}: backend 'openai' needs base_url")
+        if self.backend == "local" and not self.local_model:
+            object.__setattr__(self, "local_model", self.model)
+        return self
+
+
+class Limits(_Strict):
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    max_requests_per_file: int = Field(default=100_000, ge=1)
+    max_files: int = Field(default=500, ge=1)
+    completion_windows: list[str] = Field(default_factory=lambda: ["24h"])
+    max_line_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+
+    @model_validator(mode="after")
+    def _windows(self) -> Limits:
+        for w in self.completion_windows:
+            parse_window(w)
+        return self
+
+
+class EngineSettings(_Strict):
+    embedded: bool = True
+    shard_lines: int = Field(default=1000, ge=1, description="lines per shard")
+    lease_seconds: float = Field(default=15.0, gt=0)
+    checkpoint_seconds: float = Field(default=0.5, gt=0)
+    poll_seconds: float = Field(default=0.25, gt=0, description="idle wait between claims")
+    cancel_grace_seconds: float = Field(default=5.0, ge=0)
+    max_shards: int = Field(default=8, ge=1, description="shards one process runs at once")
+
+
+class Webhook(_Strict):
+    url: str
+    secret: str | None = None
+    events: list[str] = Field(
+        default_factory=lambda: [
+            "batch.completed",
+            "batch.failed",
+            "batch.expired",
+            "batch.cancelled",
+        ]
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Path("./batchd-data")
+    database_url: str | None = None
+    files_url: str | None = None
+    s3: S3Settings = Field(default_factory=S3Settings)
+    auth: AuthSettings | None = None
+    deployments: list[Deployment] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    webhooks: list[Webhook] = Field(default_factory=list)
+    migrate_on_start: bool = True
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Env first, then the file's values (passed as init kwargs), then defaults.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Settings:
+        seen: set[str] = set()
+        for d in self.deployments:
+            if d.model in seen:
+                raise ValueError(f"deployments: model {d.model!r} is configured twice")
+            seen.add(d.model)
+        return self
+
+    # -- derived -----------------------------------------------------------------
+    def effective_deployments(self) -> list[Deployment]:
+        """The configured deployments, or the two embedded models when none is configured."""
+        if self.deployments:
+            return list(self.deployments)
+        return [
+            Deployment(model=DEFAULT_CHAT_MODEL, backend="local", max_concurrency=32),
+            Deployment(model=DEFAULT_EMBEDDING_MODEL, backend="local", max_concurrency=64),
+        ]
+
+    def deployment_for(self, model: str) -> Deployment | None:
+        for d in self.effective_deployments():
+            if d.model == model:
+                return d
+        return None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'batchd.db').resolve()}"
+
+
+def parse_window(window: str) -> int:
+    """``"24h"`` -> 86400. Units: s, m, h, d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if len(window) < 2 or window[-1] not in units or not window[:-1].isdigit():
+        raise ValueError(f"completion window {window!r} is not like '24h', '30m' or '30s'")
+    seconds = int(window[:-1]) * units[window[-1]]
+    if seconds <= 0:
+        raise ValueError(f"completion window {window!r} must be positive")
+    return seconds
+
+
+def _format_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{key}: {msg}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (if any), apply env vars, validate; raise :class:`ConfigError`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {p} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

@@ -1,0 +1,328 @@
+"""Running one leased shard: dispatch its lines, journal results, checkpoint them.
+
+The done-bitmap and the part holding the matching results are stored in one transaction,
+fenced by the lease token; a worker that took over skips every line whose bit is set. A
+result is journaled locally the moment it arrives, so a takeover on the same machine adopts
+it instead of sending the request again: after ``kill -9`` at most what was in flight is
+re-sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+import orjson
+
+from batchd.backends.base import Backend, BackendUnavailable, UpstreamResponse
+from batchd.blobs.base import Blobs
+from batchd.engine.journal import Journal, read_journals
+from batchd.engine.limits import DeploymentLimiter
+from batchd.engine.results import (
+    check_body,
+    error_body,
+    error_line,
+    response_line,
+    usage_of_line,
+)
+from batchd.engine.retry import send_with_retries
+from batchd.errors import LeaseLost, StoreError
+from batchd.models import Part, ShardClaim, Usage
+from batchd.store.sql import Store
+
+log = logging.getLogger(__name__)
+
+
+class _Line(msgspec.Struct):
+    custom_id: str
+    body: msgspec.Raw
+
+
+class _Head(msgspec.Struct):
+    model: str = ""
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+
+_line_decoder = msgspec.json.Decoder(_Line)
+_head_decoder = msgspec.json.Decoder(_Head)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    custom_id: bytes  # JSON-encoded
+    body: bytes
+    model: str
+    tokens: int  # estimate for tokens-per-minute limits
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    backend: Backend
+    limiter: DeploymentLimiter
+    timeout: float
+
+
+def parse_span(data: bytes, count: int) -> list[Request]:
+    """The shard's requests, in order (blank lines skipped, as validation did)."""
+    out: list[Request] = []
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        line = _line_decoder.decode(raw)
+        head = _head_decoder.decode(line.body)
+        out_tokens = head.max_completion_tokens or head.max_tokens or 0
+        out.append(
+            Request(
+                orjson.dumps(line.custom_id),
+                bytes(line.body),
+                head.model,
+                len(line.body) // 4 + out_tokens,
+            )
+        )
+    if len(out) != count:
+        raise ValueError(f"shard has {len(out)} lines where validation counted {count}")
+    return out
+
+
+def _bit(bitmap: bytearray | bytes, i: int) -> bool:
+    return bool(bitmap[i >> 3] & (1 << (i & 7)))
+
+
+@dataclass
+class ShardRun:
+    claim: ShardClaim
+    store: Store
+    blobs: Blobs
+    spool: Path
+    routes: dict[str, Route]
+    checkpoint_seconds: float
+    cancel_grace: float
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_code: str = "batch_cancelled"
+    lost: bool = False
+    _done: bytearray = field(default_factory=bytearray)
+    _out: list[bytes] = field(default_factory=list)
+    _err: list[bytes] = field(default_factory=list)
+    _usage: Usage = field(default_factory=Usage)
+    _seq: int = 0
+    _ckpt_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _committed: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.claim.batch_id, self.claim.idx
+
+    def request_stop(self, code: str) -> None:
+        self.stop_code = code
+        self.stop.set()
+
+    # -- results -----------------------------------------------------------------------
+    def _record(self, i: int, is_output: bool, line: bytes, usage: Usage | None) -> None:
+        self._done[i >> 3] |= 1 << (i & 7)
+        (self._out if is_output else self._err).append(line)
+        if usage is not None:
+            self._usage.add(usage)
+
+    def _result(self, req: Request, resp: UpstreamResponse) -> tuple[bool, bytes, Usage | None]:
+        if 200 <= resp.status_code < 300:
+            checked = check_body(resp.body)
+            if checked is not None:
+                body, usage = checked
+                return True, response_line(req.custom_id, resp, body), usage
+            bad = UpstreamResponse(
+                502,
+                orjson.dumps(
+                    {
+                        "error": {
+                            "message": "The upstream answered with a body that is not "
+                            "a JSON object.",
+                            "type": "upstream_error",
+                            "param": None,
+                            "code": "invalid_upstream_response",
+                        }
+                    }
+                ),
+                resp.request_id,
+            )
+            return False, response_line(req.custom_id, bad, bad.body), None
+        return False, response_line(req.custom_id, resp, error_body(resp)), None
+
+    async def _execute(self, i: int, req: Request, journal: Journal) -> None:
+        route = self.routes.get(req.model)
+        if route is None:
+            line = error_line(
+                req.custom_id, "model_not_found", f"No deployment serves the model {req.model!r}."
+            )
+            journal.append(i, False, line)
+            self._record(i, False, line, None)
+            return
+
+        async def send(time_limit: float) -> UpstreamResponse:
+            async with route.limiter.slot(req.tokens):
+                return await route.backend.send(
+                    self.claim.endpoint, req.body, time_limit=time_limit
+                )
+
+        try:
+            resp = await send_with_retries(
+                send,
+                deadline=float(self.claim.expires_at),
+                stop=self.stop,
+                time_limit=route.timeout,
+            )
+        except BackendUnavailable as exc:
+            line = error_line(req.custom_id, "backend_unavailable", str(exc))
+            journal.append(i, False, line)
+            self._record(i, False, line, None)
+            return
+        if resp is None:
+            return  # stopped or past the deadline: left undone for the finaliser
+        is_output, line, usage = self._result(req, resp)
+        journal.append(i, is_output, line)
+        self._record(i, is_output, line, usage)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    async def checkpoint(self, *, final: bool = False) -> None:
+        """Store the results gathered since the last checkpoint with the done-bitmap that
+        matches them. Results are put back if anything fails before the commit, so they go
+        with the next one; the commit itself is never interrupted half-way."""
+        async with self._ckpt_lock:
+            out, err, usage, seq = self._out, self._err, self._usage, self._seq
+            done = bytes(self._done)
+            self._out, self._err, self._usage = [], [], Usage()
+            if not out and not err and not final:
+                return
+            self._committed = False
+            try:
+                part = await self._write_part(out, err) if out or err else None
+                await self._commit(done, part, usage, final)
+            except LeaseLost:
+                self.lost = True
+                raise
+            except BaseException:
+                if not self._committed:
+                    self._out, self._err, self._seq = out + self._out, err + self._err, seq
+                    self._usage.add(usage)
+                raise
+
+    async def _write_part(self, out: list[bytes], err: list[bytes]) -> Part:
+        c = self.claim
+        self._seq += 1
+        base = f"parts/{c.batch_id}/{c.idx:06d}.{c.token}.{self._seq}"
+        out_key = base + ".out" if out else None
+        err_key = base + ".err" if err else None
+        if out_key:
+            await self.blobs.put(out_key, b"".join(out))
+        if err_key:
+            await self.blobs.put(err_key, b"".join(err))
+        return Part(c.batch_id, c.idx, self._seq, out_key, err_key, len(out), len(err))
+
+    async def _commit(self, done: bytes, part: Part | None, usage: Usage, final: bool) -> None:
+        all_done = int.from_bytes(done, "little").bit_count() == self.claim.span.count
+        while True:
+            commit = asyncio.ensure_future(
+                self.store.checkpoint(
+                    self.claim,
+                    done=done,
+                    part=part,
+                    usage=usage,
+                    shard_done=all_done,
+                    release=final,
+                )
+            )
+            try:
+                await asyncio.shield(commit)
+                self._committed = True
+                return
+            except asyncio.CancelledError:
+                # Let the transaction end, so that what we believe matches the store.
+                with contextlib.suppress(Exception):
+                    await commit
+                if commit.done() and not commit.cancelled() and commit.exception() is None:
+                    self._committed = True  # stored: nothing to put back
+                raise
+            except StoreError as exc:
+                if isinstance(exc, LeaseLost):
+                    raise
+                log.warning("checkpoint of %s/%d failed; retrying", *self.key, exc_info=True)
+                await asyncio.sleep(0.5)
+
+    async def _checkpointer(self) -> None:
+        while True:
+            await asyncio.sleep(self.checkpoint_seconds)
+            await self.checkpoint()
+
+    # -- the run ---------------------------------------------------------------------------
+    async def _adopt(self) -> None:
+        """Take over results journaled by earlier holders of this shard on this machine."""
+        records = await anyio.to_thread.run_sync(
+            lambda: list(
+                read_journals(self.spool, self.claim.batch_id, self.claim.idx, self.claim.token)
+            )
+        )
+        adopted = 0
+        for i, is_output, line in records:
+            if i < self.claim.span.count and not _bit(self._done, i):
+                self._record(i, is_output, line, usage_of_line(line) if is_output else None)
+                adopted += 1
+        if adopted:
+            log.info("shard %s/%d: adopted %d journaled results", *self.key, adopted)
+
+    async def run(self) -> None:
+        c = self.claim
+        self._done = bytearray(c.done)
+        self._seq = c.part_seq
+        data = await self.blobs.read_all(c.input_blob_key, c.span.start, c.span.end)
+        requests = await anyio.to_thread.run_sync(parse_span, data, c.span.count)
+        del data
+        await self._adopt()
+        journal = Journal(self.spool, c.batch_id, c.idx, c.token)
+        await journal.open()
+        ticker = asyncio.get_running_loop().create_task(self._checkpointer())
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            window = max((r.limiter.max_concurrency for r in self.routes.values()), default=64)
+            gate = asyncio.Semaphore(window)
+            for i, req in enumerate(requests):
+                if _bit(self._done, i):
+                    continue
+                await gate.acquire()
+                if self.stop.is_set():
+                    gate.release()
+                    break
+                task = asyncio.get_running_loop().create_task(self._execute(i, req, journal))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(lambda _t: gate.release())
+            if tasks:
+                await self._drain(tasks)
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                await ticker
+            for t in tasks:
+                t.cancel()
+            await journal.close()
+        if not self.lost:
+            await self.checkpoint(final=True)
+
+    async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Wait for in-flight requests; once stopped, give them a bounded grace."""
+        loop = asyncio.get_running_loop()
+        gathered: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+        stopper: asyncio.Future[Any] = loop.create_task(self.stop.wait())
+        await asyncio.wait([gathered, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if not gathered.done():
+            await asyncio.wait({gathered}, timeout=self.cancel_grace)
+        stopper.cancel()
+        if not gathered.done():
+            gathered.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gathered

@@ -1,0 +1,216 @@
+"""The engine: claims shards, runs them, keeps their leases, watches for cancel and expiry,
+finalises batches, and sweeps up after crashed processes.
+
+``Engine(settings, store, blobs, backends)`` runs inside ``batchd serve`` (unless
+``[engine] embedded = false``) and is all of ``batchd worker``. Any number of engines share
+one store; nothing one needs lives in another's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from batchd.backends.base import Backend
+from batchd.blobs.base import Blobs
+from batchd.config import Settings
+from batchd.engine.finalize import Finalizer
+from batchd.engine.limits import DeploymentLimiter
+from batchd.engine.shard import Route, ShardRun
+from batchd.errors import LeaseLost
+from batchd.models import CANCELLING, new_id
+from batchd.service.activation import Activator
+from batchd.service.files import FileService
+from batchd.store.sql import Store
+
+log = logging.getLogger(__name__)
+
+SIGNAL_SECONDS = 0.5
+SWEEP_SECONDS = 2.0
+FINALIZE_LEASE = 120.0
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        blobs: Blobs,
+        backends: dict[str, Backend],
+        *,
+        owner: str,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._blobs = blobs
+        self._backends = backends
+        self.owner = owner
+        self._cfg = settings.engine
+        self._spool = Path(settings.data_dir) / "spool"
+        self._routes = {
+            d.model: Route(backends[d.model], DeploymentLimiter(d), d.timeout)
+            for d in settings.effective_deployments()
+            if d.model in backends
+        }
+        self._runs: dict[tuple[str, int], ShardRun] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._finalizer = Finalizer(store, blobs, self._spool, owner)
+        activator = Activator(settings, store)
+        self._activator = activator
+        self._files = FileService(settings, store, blobs, activator, owner)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Engine]:
+        loops = [
+            self._claim_loop(),
+            self._heartbeat_loop(),
+            self._signal_loop(),
+            self._finalize_loop(),
+            self._sweep_loop(),
+        ]
+        tasks = [asyncio.get_running_loop().create_task(c) for c in loops]
+        log.info("engine %s started", self.owner)
+        try:
+            yield self
+        finally:
+            for t in tasks:
+                t.cancel()
+            for run in self._runs.values():
+                run.request_stop("batch_cancelled")
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
+            for backend in self._backends.values():
+                await backend.close()
+            log.info("engine %s stopped", self.owner)
+
+    # -- claiming and running shards -------------------------------------------------------
+    async def _claim_loop(self) -> None:
+        while True:
+            free = self._cfg.max_shards - len(self._runs)
+            claims = []
+            if free > 0:
+                try:
+                    claims = await self._store.claim_shards(
+                        self.owner, free, time.time(), self._cfg.lease_seconds
+                    )
+                except Exception:
+                    log.exception("claiming shards failed")
+            for claim in claims:
+                run = ShardRun(
+                    claim=claim,
+                    store=self._store,
+                    blobs=self._blobs,
+                    spool=self._spool,
+                    routes=self._routes,
+                    checkpoint_seconds=self._cfg.checkpoint_seconds,
+                    cancel_grace=self._cfg.cancel_grace_seconds,
+                )
+                self._runs[run.key] = run
+                self._spawn(self._run_shard(run))
+            if not claims:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._cfg.poll_seconds)
+
+    async def _run_shard(self, run: ShardRun) -> None:
+        try:
+            await run.run()
+        except LeaseLost:
+            log.warning("shard %s/%d: lease lost to another worker", *run.key)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("shard %s/%d failed; it will be claimed again", *run.key)
+        finally:
+            self._runs.pop(run.key, None)
+            self._wake.set()
+
+    def _spawn(self, coro: object) -> None:
+        assert asyncio.iscoroutine(coro)
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._cfg.lease_seconds / 3)
+            held = [(r.claim.batch_id, r.claim.idx, r.claim.token) for r in self._runs.values()]
+            if not held:
+                continue
+            try:
+                lost = await self._store.renew_leases(
+                    self.owner, held, time.time() + self._cfg.lease_seconds
+                )
+            except Exception:
+                log.exception("renewing leases failed")
+                continue
+            for key in lost:
+                run = self._runs.get(key)
+                if run is not None:
+                    log.warning("shard %s/%d: lease lost", *key)
+                    run.lost = True
+                    run.request_stop("batch_cancelled")
+
+    async def _signal_loop(self) -> None:
+        """Cancel and expiry reach every running shard within half a second."""
+        while True:
+            await asyncio.sleep(SIGNAL_SECONDS)
+            if not self._runs:
+                continue
+            try:
+                signals = await self._store.signals(r.claim.batch_id for r in self._runs.values())
+            except Exception:
+                log.exception("reading batch signals failed")
+                continue
+            now = time.time()
+            for run in list(self._runs.values()):
+                sig = signals.get(run.claim.batch_id)
+                if sig is None or sig.status == CANCELLING:
+                    run.request_stop("batch_cancelled")
+                elif now >= sig.expires_at:
+                    run.request_stop("batch_expired")
+
+    # -- finalising and sweeping ---------------------------------------------------------------
+    async def _finalize_loop(self) -> None:
+        while True:
+            batch = None
+            try:
+                batch = await self._store.claim_finalize(
+                    self.owner,
+                    time.time(),
+                    FINALIZE_LEASE,
+                    (new_id("file-"), new_id("file-")),
+                )
+                if batch is not None:
+                    await self._finalizer.finalize(batch)
+            except Exception:
+                log.exception("finalising failed; it will be retried")
+            if batch is None:
+                await asyncio.sleep(self._cfg.poll_seconds)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("sweep failed")
+
+    async def sweep(self) -> None:
+        """Finish what crashed processes left: validations, batch starts, deleted files."""
+        for rec in await self._store.claim_stale_validations(
+            self.owner, time.time(), lease_seconds=60.0
+        ):
+            log.info("validating file %s left by another process", rec.id)
+            await self._files.validate(rec)
+        for batch in await self._store.validating_batches():
+            await self._activator.activate(batch)
+        for rec in await self._store.deleted_files_unreferenced():
+            await self._files.collect_if_unused(rec)

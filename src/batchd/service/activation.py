@@ -1,0 +1,91 @@
+"""Starting a batch: the checks that need both the batch and its validated file.
+
+A batch waits in ``validating`` until its input file's validation has ended, then moves to
+``in_progress`` (with its shards) or ``failed`` (with every problem and its line). Called
+when a batch is created on a checked file, when a file's check ends, and by the engine's
+sweep for anything a crash left behind; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from batchd.config import Settings
+from batchd.models import FILE_UPLOADED, BatchRecord, ValidationIssue, now
+from batchd.service.validation import MAX_ISSUES, mismatched_lines
+from batchd.store.sql import Store
+
+log = logging.getLogger(__name__)
+
+
+class Activator:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self._settings = settings
+        self._store = store
+
+    async def activate(self, batch: BatchRecord) -> None:
+        file = await self._store.get_file(batch.input_file_id)
+        if file is None:
+            issue = ValidationIssue(
+                "invalid_request",
+                f"The input file {batch.input_file_id} was deleted.",
+                None,
+                "input_file_id",
+            )
+            await self._store.fail_batch(batch.id, [issue], now())
+            return
+        if file.status == FILE_UPLOADED or file.summary is None:
+            return  # still being checked: the check's end will call us again
+        summary = file.summary
+        issues = list(summary.issues)
+        if summary.jsonl_ok:
+            issues.extend(
+                ValidationIssue(
+                    "url_mismatch",
+                    f"Line {line}: url {url!r} does not match the batch endpoint "
+                    f"{batch.endpoint!r}.",
+                    line,
+                    "url",
+                )
+                for line, url in mismatched_lines(summary, batch.endpoint)
+            )
+        model = next(iter(summary.models), None)
+        deployment = self._settings.deployment_for(model) if model else None
+        if model and len(summary.models) == 1 and deployment is None:
+            first_line = summary.models[model][1]
+            issues.append(
+                ValidationIssue(
+                    "model_not_found",
+                    f"Line {first_line}: no deployment serves the model {model!r}.",
+                    first_line,
+                    "body.model",
+                )
+            )
+        if not issues and deployment is not None and deployment.enqueued_token_limit:
+            enqueued = await self._store.enqueued_tokens(deployment.model)
+            if enqueued + summary.token_estimate > deployment.enqueued_token_limit:
+                issues.append(
+                    ValidationIssue(
+                        "token_limit_exceeded",
+                        f"Enqueued token limit reached for {deployment.model}: "
+                        f"{enqueued} tokens are enqueued and this batch needs about "
+                        f"{summary.token_estimate}; the limit is "
+                        f"{deployment.enqueued_token_limit}. Try again after some batches end.",
+                        None,
+                        None,
+                    )
+                )
+        at = now()
+        if issues:
+            issues.sort(key=lambda i: i.line or 0)
+            await self._store.fail_batch(batch.id, issues[:MAX_ISSUES], at, model=model)
+            log.info("batch %s failed validation: %d problems", batch.id, len(issues))
+            return
+        await self._store.activate_batch(
+            batch.id,
+            model=model,
+            spans=summary.shards,
+            token_estimate=summary.token_estimate,
+            at=at,
+        )
+        log.info("batch %s in progress: %d requests", batch.id, summary.lines)

@@ -1,0 +1,174 @@
+"""Batches: create, read, list and cancel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchd.backends.base import ENDPOINTS, normalise_endpoint
+from batchd.config import Settings, parse_window
+from batchd.errors import Conflict, InvalidRequest, NotFound
+from batchd.models import (
+    FILE_ERROR,
+    PURPOSE_BATCH,
+    TERMINAL,
+    VALIDATING,
+    BatchRecord,
+    new_id,
+    now,
+)
+from batchd.service.activation import Activator
+from batchd.store.sql import Store
+
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+
+
+def check_metadata(metadata: Any) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("metadata must be an object.", code="invalid_type", param="metadata")
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(
+            f"metadata has {len(metadata)} keys; at most {MAX_METADATA_PAIRS} are allowed.",
+            code="invalid_value",
+            param="metadata",
+        )
+    for k, v in metadata.items():
+        if not isinstance(v, str):
+            raise InvalidRequest(
+                f"metadata values must be strings ({k!r} is not).",
+                code="invalid_type",
+                param=f"metadata.{k}",
+            )
+        if len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE:
+            raise InvalidRequest(
+                f"metadata keys are at most {MAX_METADATA_KEY} characters and values at most "
+                f"{MAX_METADATA_VALUE}.",
+                code="invalid_value",
+                param=f"metadata.{k[:64]}",
+            )
+    return dict(metadata)
+
+
+def check_output_expiry(value: Any) -> int | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or value.get("anchor") != "created_at"
+        or not isinstance(value.get("seconds"), int)
+        or not 3600 <= value["seconds"] <= 30 * 86400
+    ):
+        raise InvalidRequest(
+            "output_expires_after must be {anchor: 'created_at', seconds: 3600..2592000}.",
+            code="invalid_value",
+            param="output_expires_after",
+        )
+    return int(value["seconds"])
+
+
+class BatchService:
+    def __init__(self, settings: Settings, store: Store, activator: Activator) -> None:
+        self._settings = settings
+        self._store = store
+        self._activator = activator
+
+    async def create(
+        self,
+        project: str,
+        *,
+        input_file_id: Any,
+        endpoint: Any,
+        completion_window: Any,
+        metadata: Any = None,
+        output_expires_after: Any = None,
+    ) -> BatchRecord:
+        if not isinstance(input_file_id, str) or not input_file_id:
+            raise InvalidRequest(
+                "input_file_id is required.",
+                code="missing_required_parameter",
+                param="input_file_id",
+            )
+        canonical = normalise_endpoint(endpoint) if isinstance(endpoint, str) else None
+        if canonical is None:
+            raise InvalidRequest(
+                f"Invalid endpoint {endpoint!r}; expected one of {', '.join(ENDPOINTS)}.",
+                code="invalid_value",
+                param="endpoint",
+            )
+        windows = self._settings.limits.completion_windows
+        if completion_window not in windows:
+            raise InvalidRequest(
+                f"Invalid completion_window {completion_window!r}; expected one of "
+                f"{', '.join(windows)}.",
+                code="invalid_value",
+                param="completion_window",
+            )
+        meta = check_metadata(metadata)
+        out_expiry = check_output_expiry(output_expires_after)
+        file = await self._store.get_file(input_file_id, project)
+        if file is None:
+            raise NotFound(
+                f"No such File object: {input_file_id}",
+                code="file_not_found",
+                param="input_file_id",
+            )
+        if file.purpose != PURPOSE_BATCH:
+            raise InvalidRequest(
+                f"File {input_file_id} has purpose {file.purpose!r}; a batch needs 'batch'.",
+                code="invalid_value",
+                param="input_file_id",
+            )
+        if file.status == FILE_ERROR:
+            first = file.summary.issues[0] if file.summary and file.summary.issues else None
+            raise InvalidRequest(
+                f"File {input_file_id} failed validation: {file.status_details}",
+                code=first.code if first else "invalid_file",
+                param="input_file_id",
+            )
+        created = now()
+        rec = BatchRecord(
+            id=new_id("batch_"),
+            project=project,
+            endpoint=canonical,
+            input_file_id=input_file_id,
+            completion_window=completion_window,
+            status=VALIDATING,
+            created_at=created,
+            expires_at=created + parse_window(completion_window),
+            input_blob_key=file.blob_key,
+            metadata=meta,
+            output_expires_after=out_expiry,
+        )
+        await self._store.insert_batch(rec)
+        await self._activator.activate(rec)
+        return await self.get(project, rec.id)
+
+    async def get(self, project: str, batch_id: str) -> BatchRecord:
+        rec = await self._store.get_batch(batch_id, project)
+        if rec is None:
+            raise NotFound(
+                f"No such Batch object: {batch_id}", code="batch_not_found", param="batch_id"
+            )
+        return rec
+
+    async def list(
+        self, project: str, *, limit: int, after: str | None
+    ) -> tuple[list[BatchRecord], bool]:
+        rows = await self._store.list_batches(project, limit=limit, after=after)
+        return rows[:limit], len(rows) > limit
+
+    async def cancel(self, project: str, batch_id: str) -> BatchRecord:
+        rec = await self._store.request_cancel(batch_id, project, now())
+        if rec is None:
+            raise NotFound(
+                f"No such Batch object: {batch_id}", code="batch_not_found", param="batch_id"
+            )
+        if rec.status in TERMINAL or rec.status == "finalizing":
+            raise Conflict(
+                f"Cannot cancel a batch with status {rec.status!r}.",
+                code="batch_not_cancellable",
+            )
+        return rec

@@ -1,0 +1,228 @@
+"""Validation of a batch input file: one streamed pass over its stored bytes.
+
+It finds every bad line (up to :data:`MAX_ISSUES`), records what the batch checks need (the
+urls and models used, with the lines that use them) and cuts the file into shards: byte
+ranges of whole lines that the engine claims. Memory: the custom ids seen (to find
+duplicates) and one line at a time. It runs on a worker thread; the caller feeds chunks.
+
+Codes checked here (endpoint-independent): ``invalid_json_line``, ``missing_required_parameter``,
+``invalid_request``, ``duplicate_custom_id``, ``streaming_unsupported``, ``model_mismatch``,
+``too_many_tasks``, ``empty_file``. The batch adds ``url_mismatch`` and ``model_not_found``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from batchd.backends.base import normalise_endpoint
+from batchd.models import FileSummary, ShardSpan, ValidationIssue
+
+MAX_ISSUES = 100
+MAX_LINES_PER_KEY = 100  # lines remembered per url / model, for mismatch reports
+SHARD_MAX_BYTES = 8 * 1024 * 1024
+
+
+class InputLine(msgspec.Struct):
+    """The fields of an input line, with ``body`` kept as raw bytes."""
+
+    custom_id: Any = msgspec.UNSET
+    method: Any = msgspec.UNSET
+    url: Any = msgspec.UNSET
+    body: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+class BodyHead(msgspec.Struct):
+    model: Any = None
+    stream: Any = None
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+    max_output_tokens: Any = None
+
+
+_line_decoder = msgspec.json.Decoder(InputLine)
+_body_decoder = msgspec.json.Decoder(BodyHead)
+
+
+def _max_out(head: BodyHead) -> int:
+    for v in (head.max_completion_tokens, head.max_tokens, head.max_output_tokens):
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return 0
+
+
+class Validator:
+    """Feed chunks with :meth:`feed`, then call :meth:`finish` for the summary."""
+
+    def __init__(self, *, max_lines: int, max_line_bytes: int, shard_lines: int) -> None:
+        self.summary = FileSummary()
+        self._max_lines = max_lines
+        self._max_line_bytes = max_line_bytes
+        self._shard_lines = shard_lines
+        self._custom_ids: set[str] = set()
+        self._tail = b""
+        self._offset = 0  # offset of the first byte of self._tail
+        self._line_no = 0  # physical lines seen (1-based numbering, blank lines count)
+        self._shard: list[int] = []  # [start, first_line, count]
+        self._shard_end = 0
+        self._too_long = False
+
+    # -- reporting -------------------------------------------------------------------
+    def _issue(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
+        if len(self.summary.issues) < MAX_ISSUES:
+            self.summary.issues.append(ValidationIssue(code, message, line, param))
+
+    def _not_jsonl(self, message: str, line: int) -> None:
+        self.summary.jsonl_ok = False
+        self._issue("invalid_json_line", message, line)
+
+    @staticmethod
+    def _remember(table: dict[str, list[int]], key: str, line: int) -> None:
+        entry = table.get(key)
+        if entry is None:
+            if len(table) < 64:
+                table[key] = [1, line]
+            return
+        entry[0] += 1
+        if len(entry) <= MAX_LINES_PER_KEY:
+            entry.append(line)
+
+    # -- the pass ----------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> None:
+        data = self._tail + chunk if self._tail else chunk
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            if nl < 0:
+                break
+            self._line(data[start:nl], self._offset + start, self._offset + nl + 1)
+            start = nl + 1
+        self._offset += start
+        self._tail = data[start:]
+        if len(self._tail) > self._max_line_bytes and not self._too_long:
+            self._too_long = True
+
+    def finish(self) -> FileSummary:
+        if self._tail:
+            end = self._offset + len(self._tail)
+            self._line(self._tail, self._offset, end)
+            self._tail = b""
+        self._close_shard()
+        s = self.summary
+        if s.lines == 0 and s.jsonl_ok:
+            self._issue("empty_file", "The input file has no requests.", None)
+        if s.lines > self._max_lines:
+            self._issue(
+                "too_many_tasks",
+                f"The input file has {s.lines} requests; the limit is {self._max_lines}.",
+                None,
+            )
+        if len(s.models) > 1:
+            first, *others = s.models
+            for other in others:
+                lines = s.models[other][1:]
+                self._issue(
+                    "model_mismatch",
+                    f"All requests of a batch must use the same model: line {lines[0]} uses "
+                    f"{other!r} where line {s.models[first][1]} uses {first!r}.",
+                    lines[0],
+                    "body.model",
+                )
+        return s
+
+    def _close_shard(self) -> None:
+        if self._shard:
+            start, first, count = self._shard
+            end = self._shard_end
+            self.summary.shards.append(ShardSpan(start, end, first, count))
+            self._shard = []
+
+    def _add_to_shard(self, start: int, end: int, line_no: int) -> None:
+        if self._shard and (
+            self._shard[2] >= self._shard_lines or end - self._shard[0] > SHARD_MAX_BYTES
+        ):
+            self._close_shard()
+        if not self._shard:
+            self._shard = [start, line_no, 0]
+        self._shard[2] += 1
+        self._shard_end = end
+
+    def _line(self, raw: bytes, start: int, end: int) -> None:  # noqa: C901 - a flat checklist
+        self._line_no += 1
+        n = self._line_no
+        if len(raw) > self._max_line_bytes:
+            self._not_jsonl(f"Line {n} is longer than {self._max_line_bytes} bytes.", n)
+            return
+        text = raw.strip()
+        if not text:
+            return  # blank lines are allowed and skipped
+        self.summary.lines += 1
+        if self.summary.lines > self._max_lines:
+            return  # counted for too_many_tasks; not checked further
+        try:
+            line = _line_decoder.decode(text)
+        except msgspec.DecodeError as exc:
+            self._not_jsonl(f"Line {n} is not valid JSON: {exc}.", n)
+            return
+        except msgspec.ValidationError:
+            self._not_jsonl(f"Line {n} is not a JSON object.", n)
+            return
+        self._add_to_shard(start, end, n)
+        for name in ("custom_id", "method", "url", "body"):
+            if getattr(line, name) is msgspec.UNSET:
+                self._issue("missing_required_parameter", f"Line {n} has no {name!r}.", n, name)
+        cid, method, url = line.custom_id, line.method, line.url
+        if cid is not msgspec.UNSET:
+            if not isinstance(cid, str) or not cid:
+                self._issue(
+                    "invalid_request", f"Line {n}: custom_id must be a string.", n, "custom_id"
+                )
+            elif cid in self._custom_ids:
+                self._issue(
+                    "duplicate_custom_id",
+                    f"Line {n}: custom_id {cid!r} is used more than once.",
+                    n,
+                    "custom_id",
+                )
+            else:
+                self._custom_ids.add(cid)
+        if method is not msgspec.UNSET and method != "POST":
+            self._issue("invalid_request", f"Line {n}: method must be 'POST'.", n, "method")
+        if url is not msgspec.UNSET:
+            if not isinstance(url, str):
+                self._issue("invalid_request", f"Line {n}: url must be a string.", n, "url")
+            else:
+                self._remember(self.summary.urls, normalise_endpoint(url) or url, n)
+        if isinstance(line.body, msgspec.Raw):
+            self._check_body(line.body, n)
+
+    def _check_body(self, body: msgspec.Raw, n: int) -> None:
+        try:
+            head = _body_decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            self._issue("invalid_request", f"Line {n}: body must be a JSON object.", n, "body")
+            return
+        if head.stream not in (None, False):
+            self._issue(
+                "streaming_unsupported",
+                f"Line {n}: streaming is not supported in a batch.",
+                n,
+                "body.stream",
+            )
+        if not isinstance(head.model, str) or not head.model:
+            self._issue(
+                "missing_required_parameter", f"Line {n}: body has no 'model'.", n, "body.model"
+            )
+        else:
+            self._remember(self.summary.models, head.model, n)
+        self.summary.token_estimate += len(body) // 4 + _max_out(head)
+
+
+def mismatched_lines(summary: FileSummary, endpoint: str) -> list[tuple[int, str]]:
+    """Lines whose url is not the batch's endpoint, as (line, url), in line order."""
+    found: list[tuple[int, str]] = []
+    for url, entry in summary.urls.items():
+        if url != endpoint:
+            found.extend((line, url) for line in entry[1:])
+    return sorted(found)[:MAX_ISSUES]

@@ -1,0 +1,116 @@
+"""The metadata schema (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+Alembic migrations in ``migrations/`` create exactly this; a test compares the two.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project", String(255), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("status_details", Text, nullable=True),
+    Column("blob_key", Text, nullable=False),
+    # Validation of batch inputs: what it found, and who is doing it (a lease).
+    Column("summary", LargeBinary, nullable=True),
+    Column("validate_owner", String(64), nullable=True),
+    Column("validate_until", Float, nullable=True),
+    # Deleted by its owner; the blob is kept until no unfinished batch reads it.
+    Column("deleted_at", BigInteger, nullable=True),
+    Index("ix_files_project_id", "project", "id"),
+    Index("ix_files_status", "status"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project", String(255), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("model", Text, nullable=True),
+    Column("input_file_id", String(64), nullable=False),
+    Column("input_blob_key", Text, nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("output_file_id", String(64), nullable=True),
+    Column("error_file_id", String(64), nullable=True),
+    Column("errors", LargeBinary, nullable=True),
+    Column("metadata", LargeBinary, nullable=True),
+    Column("output_expires_after", BigInteger, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("in_progress_at", BigInteger, nullable=True),
+    Column("finalizing_at", BigInteger, nullable=True),
+    Column("completed_at", BigInteger, nullable=True),
+    Column("failed_at", BigInteger, nullable=True),
+    Column("expired_at", BigInteger, nullable=True),
+    Column("cancelling_at", BigInteger, nullable=True),
+    Column("cancelled_at", BigInteger, nullable=True),
+    Column("total", Integer, nullable=False, default=0),
+    Column("completed", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("token_estimate", BigInteger, nullable=False, default=0),
+    # Finalising is leased like a shard; its output ids are chosen once, so a redo reuses them.
+    Column("final_owner", String(64), nullable=True),
+    Column("final_until", Float, nullable=True),
+    Index("ix_batches_project_id", "project", "id"),
+    Index("ix_batches_status", "status"),
+    Index("ix_batches_input_file", "input_file_id"),
+)
+
+shards = Table(
+    "shards",
+    metadata,
+    Column("batch_id", String(64), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("start_offset", BigInteger, nullable=False),
+    Column("end_offset", BigInteger, nullable=False),
+    Column("first_line", Integer, nullable=False),
+    Column("line_count", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("token", Integer, nullable=False, default=0),
+    Column("done", LargeBinary, nullable=False),
+    Column("part_seq", Integer, nullable=False, default=0),
+    Index("ix_shards_claim", "status", "lease_until"),
+)
+
+parts = Table(
+    "parts",
+    metadata,
+    Column("batch_id", String(64), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    Column("shard_idx", Integer, primary_key=True, autoincrement=False),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("out_key", Text, nullable=True),
+    Column("err_key", Text, nullable=True),
+    Column("out_lines", Integer, nullable=False),
+    Column("err_lines", Integer, nullable=False),
+)

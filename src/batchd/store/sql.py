@@ -1,0 +1,741 @@
+"""The metadata store and work queue on SQLAlchemy Core: SQLite and PostgreSQL, one contract.
+
+Every public method is one transaction. SQLite: all writes of a process go through one
+connection with ``BEGIN IMMEDIATE`` (no "database is locked" between our own tasks; other
+processes wait on ``busy_timeout``), reads use a small pool of their own in WAL mode.
+PostgreSQL: one pool; claims use ``FOR UPDATE SKIP LOCKED`` so that workers never wait on
+each other. Driver errors become :class:`batchd.errors.StoreError` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from batchd.errors import LeaseLost, StoreError
+from batchd.models import (
+    CANCELLING,
+    FAILED,
+    FILE_UPLOADED,
+    FINALIZING,
+    IN_PROGRESS,
+    SHARD_DONE,
+    SHARD_PENDING,
+    TERMINAL,
+    VALIDATING,
+    BatchRecord,
+    BatchSignal,
+    FileRecord,
+    FileSummary,
+    Part,
+    ShardClaim,
+    ShardSpan,
+    Usage,
+    ValidationIssue,
+)
+from batchd.store.codec import decode_issues, decode_metadata, decode_summary, encode
+from batchd.store.schema import batches, files, parts, shards
+
+UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
+
+
+def _file(row: RowMapping, *, with_summary: bool = True) -> FileRecord:
+    return FileRecord(
+        id=row["id"],
+        project=row["project"],
+        filename=row["filename"],
+        purpose=row["purpose"],
+        bytes=row["bytes"],
+        created_at=row["created_at"],
+        status=row["status"],
+        blob_key=row["blob_key"],
+        expires_at=row["expires_at"],
+        status_details=row["status_details"],
+        summary=decode_summary(row["summary"]) if with_summary else None,
+    )
+
+
+def _batch(row: RowMapping) -> BatchRecord:
+    return BatchRecord(
+        id=row["id"],
+        project=row["project"],
+        endpoint=row["endpoint"],
+        input_file_id=row["input_file_id"],
+        completion_window=row["completion_window"],
+        status=row["status"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        input_blob_key=row["input_blob_key"],
+        model=row["model"],
+        metadata=decode_metadata(row["metadata"]),
+        output_expires_after=row["output_expires_after"],
+        output_file_id=row["output_file_id"],
+        error_file_id=row["error_file_id"],
+        errors=decode_issues(row["errors"]),
+        in_progress_at=row["in_progress_at"],
+        finalizing_at=row["finalizing_at"],
+        completed_at=row["completed_at"],
+        failed_at=row["failed_at"],
+        expired_at=row["expired_at"],
+        cancelling_at=row["cancelling_at"],
+        cancelled_at=row["cancelled_at"],
+        total=row["total"],
+        completed=row["completed"],
+        failed=row["failed"],
+        usage=Usage(
+            input_tokens=row["input_tokens"],
+            cached_tokens=row["cached_tokens"],
+            output_tokens=row["output_tokens"],
+            reasoning_tokens=row["reasoning_tokens"],
+        ),
+        token_estimate=row["token_estimate"],
+    )
+
+
+def _file_values(rec: FileRecord) -> dict[str, Any]:
+    return {
+        "id": rec.id,
+        "project": rec.project,
+        "filename": rec.filename,
+        "purpose": rec.purpose,
+        "bytes": rec.bytes,
+        "created_at": rec.created_at,
+        "expires_at": rec.expires_at,
+        "status": rec.status,
+        "status_details": rec.status_details,
+        "blob_key": rec.blob_key,
+        "summary": encode(rec.summary),
+    }
+
+
+class Store:
+    """Metadata and the work queue. Build with :func:`batchd.store.open_store`."""
+
+    def __init__(self, writer: AsyncEngine, reader: AsyncEngine) -> None:
+        self._writer = writer
+        self._reader = reader
+        self.dialect = writer.dialect.name
+
+    async def close(self) -> None:
+        await self._writer.dispose()
+        if self._reader is not self._writer:
+            await self._reader.dispose()
+
+    # -- transactions ------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self._writer.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StoreError(f"metadata store write failed: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self._reader.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StoreError(f"metadata store read failed: {exc}") from exc
+
+    def _skip_locked(self) -> dict[str, Any]:
+        return {"skip_locked": True} if self.dialect == "postgresql" else {}
+
+    async def ping(self) -> None:
+        async with self._read() as conn:
+            await conn.execute(select(1))
+
+    # -- files -------------------------------------------------------------------
+    async def insert_file(
+        self,
+        rec: FileRecord,
+        *,
+        validate_owner: str | None = None,
+        validate_until: float | None = None,
+    ) -> None:
+        values = _file_values(rec)
+        values.update(validate_owner=validate_owner, validate_until=validate_until)
+        async with self._write() as conn:
+            await conn.execute(insert(files).values(**values))
+
+    async def get_file(self, file_id: str, project: str | None = None) -> FileRecord | None:
+        q = select(files).where(files.c.id == file_id, files.c.deleted_at.is_(None))
+        if project is not None:
+            q = q.where(files.c.project == project)
+        async with self._read() as conn:
+            row = (await conn.execute(q)).mappings().first()
+        return _file(row) if row else None
+
+    async def list_files(
+        self, project: str, *, purpose: str | None, limit: int, after: str | None, order: str
+    ) -> list[FileRecord]:
+        """Up to ``limit + 1`` files (the extra one tells whether there are more)."""
+        cols = [c for c in files.c if c.name != "summary"]
+        q = select(*cols).where(files.c.project == project, files.c.deleted_at.is_(None))
+        if purpose:
+            q = q.where(files.c.purpose == purpose)
+        if after:
+            q = q.where(files.c.id > after if order == "asc" else files.c.id < after)
+        q = q.order_by(files.c.id.asc() if order == "asc" else files.c.id.desc()).limit(limit + 1)
+        async with self._read() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [_file(r, with_summary=False) for r in rows]
+
+    async def count_files(self, project: str) -> int:
+        q = select(func.count()).where(files.c.project == project, files.c.deleted_at.is_(None))
+        async with self._read() as conn:
+            return int((await conn.execute(q)).scalar_one())
+
+    async def mark_file_deleted(self, file_id: str, project: str, at: int) -> FileRecord | None:
+        async with self._write() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(files).where(
+                            files.c.id == file_id,
+                            files.c.project == project,
+                            files.c.deleted_at.is_(None),
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return None
+            await conn.execute(update(files).where(files.c.id == file_id).values(deleted_at=at))
+            return _file(row, with_summary=False)
+
+    async def blob_in_use(self, blob_key: str) -> bool:
+        """Whether an unfinished batch still reads this input blob."""
+        q = select(
+            exists().where(batches.c.input_blob_key == blob_key, batches.c.status.in_(UNFINISHED))
+        )
+        async with self._read() as conn:
+            return bool((await conn.execute(q)).scalar_one())
+
+    async def purge_file(self, file_id: str) -> None:
+        async with self._write() as conn:
+            await conn.execute(delete(files).where(files.c.id == file_id))
+
+    async def deleted_files_unreferenced(self, limit: int = 100) -> list[FileRecord]:
+        referenced = exists().where(
+            batches.c.input_blob_key == files.c.blob_key, batches.c.status.in_(UNFINISHED)
+        )
+        q = (
+            select(*[c for c in files.c if c.name != "summary"])
+            .where(files.c.deleted_at.is_not(None), ~referenced)
+            .limit(limit)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [_file(r, with_summary=False) for r in rows]
+
+    async def finish_validation(
+        self, file_id: str, *, status: str, details: str | None, summary: FileSummary
+    ) -> bool:
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(files)
+                .where(files.c.id == file_id, files.c.status == FILE_UPLOADED)
+                .values(
+                    status=status,
+                    status_details=details,
+                    summary=encode(summary),
+                    validate_owner=None,
+                    validate_until=None,
+                )
+            )
+            return bool(res.rowcount)
+
+    async def claim_stale_validations(
+        self, owner: str, now: float, lease_seconds: float, limit: int = 4
+    ) -> list[FileRecord]:
+        """Files whose validation was started by a process that died."""
+        async with self._write() as conn:
+            q = (
+                select(files.c.id)
+                .where(
+                    files.c.status == FILE_UPLOADED,
+                    files.c.deleted_at.is_(None),
+                    or_(files.c.validate_until.is_(None), files.c.validate_until < now),
+                )
+                .limit(limit)
+                .with_for_update(**self._skip_locked())
+            )
+            ids = list((await conn.execute(q)).scalars())
+            if not ids:
+                return []
+            await conn.execute(
+                update(files)
+                .where(files.c.id.in_(ids))
+                .values(validate_owner=owner, validate_until=now + lease_seconds)
+            )
+            rows = (await conn.execute(select(files).where(files.c.id.in_(ids)))).mappings().all()
+            return [_file(r) for r in rows]
+
+    async def renew_validation(self, file_id: str, owner: str, until: float) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                update(files)
+                .where(files.c.id == file_id, files.c.validate_owner == owner)
+                .values(validate_until=until)
+            )
+
+    # -- batches -----------------------------------------------------------------
+    async def insert_batch(self, rec: BatchRecord) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                insert(batches).values(
+                    id=rec.id,
+                    project=rec.project,
+                    endpoint=rec.endpoint,
+                    model=rec.model,
+                    input_file_id=rec.input_file_id,
+                    input_blob_key=rec.input_blob_key,
+                    completion_window=rec.completion_window,
+                    status=rec.status,
+                    metadata=encode(rec.metadata),
+                    output_expires_after=rec.output_expires_after,
+                    created_at=rec.created_at,
+                    expires_at=rec.expires_at,
+                    total=0,
+                    completed=0,
+                    failed=0,
+                    input_tokens=0,
+                    cached_tokens=0,
+                    output_tokens=0,
+                    reasoning_tokens=0,
+                    token_estimate=rec.token_estimate,
+                )
+            )
+
+    async def get_batch(self, batch_id: str, project: str | None = None) -> BatchRecord | None:
+        q = select(batches).where(batches.c.id == batch_id)
+        if project is not None:
+            q = q.where(batches.c.project == project)
+        async with self._read() as conn:
+            row = (await conn.execute(q)).mappings().first()
+        return _batch(row) if row else None
+
+    async def list_batches(
+        self, project: str, *, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        """Newest first, up to ``limit + 1``."""
+        q = select(batches).where(batches.c.project == project)
+        if after:
+            q = q.where(batches.c.id < after)
+        q = q.order_by(batches.c.id.desc()).limit(limit + 1)
+        async with self._read() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [_batch(r) for r in rows]
+
+    async def validating_batches(self, file_id: str | None = None) -> list[BatchRecord]:
+        q = select(batches).where(batches.c.status == VALIDATING)
+        if file_id is not None:
+            q = q.where(batches.c.input_file_id == file_id)
+        async with self._read() as conn:
+            rows = (await conn.execute(q.limit(100))).mappings().all()
+        return [_batch(r) for r in rows]
+
+    async def enqueued_tokens(self, model: str) -> int:
+        q = select(func.coalesce(func.sum(batches.c.token_estimate), 0)).where(
+            batches.c.model == model, batches.c.status.in_(UNFINISHED)
+        )
+        async with self._read() as conn:
+            return int((await conn.execute(q)).scalar_one())
+
+    async def activate_batch(
+        self,
+        batch_id: str,
+        *,
+        model: str | None,
+        spans: Sequence[ShardSpan],
+        token_estimate: int,
+        at: int,
+    ) -> bool:
+        """validating -> in_progress, creating the batch's shards. False if no longer validating."""
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id, batches.c.status == VALIDATING)
+                .values(
+                    status=IN_PROGRESS,
+                    in_progress_at=at,
+                    model=model,
+                    total=sum(s.count for s in spans),
+                    token_estimate=token_estimate,
+                )
+            )
+            if not res.rowcount:
+                return False
+            if spans:
+                await conn.execute(
+                    insert(shards),
+                    [
+                        {
+                            "batch_id": batch_id,
+                            "idx": i,
+                            "start_offset": s.start,
+                            "end_offset": s.end,
+                            "first_line": s.first_line,
+                            "line_count": s.count,
+                            "status": SHARD_PENDING,
+                            "token": 0,
+                            "done": bytes((s.count + 7) // 8),
+                            "part_seq": 0,
+                        }
+                        for i, s in enumerate(spans)
+                    ],
+                )
+            return True
+
+    async def fail_batch(
+        self, batch_id: str, issues: list[ValidationIssue], at: int, *, model: str | None = None
+    ) -> bool:
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id, batches.c.status == VALIDATING)
+                .values(status=FAILED, failed_at=at, errors=encode(issues), model=model)
+            )
+            return bool(res.rowcount)
+
+    async def request_cancel(self, batch_id: str, project: str, at: int) -> BatchRecord | None:
+        """Move an unfinished batch to ``cancelling``; return it as it is afterwards."""
+        async with self._write() as conn:
+            await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.project == project,
+                    batches.c.status.in_((VALIDATING, IN_PROGRESS)),
+                )
+                .values(status=CANCELLING, cancelling_at=at)
+            )
+            row = (
+                (
+                    await conn.execute(
+                        select(batches).where(
+                            batches.c.id == batch_id, batches.c.project == project
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return _batch(row) if row else None
+
+    # -- the work queue ------------------------------------------------------------
+    async def claim_shards(
+        self, owner: str, n: int, now: float, lease_seconds: float
+    ) -> list[ShardClaim]:
+        """Lease up to ``n`` runnable shards: pending, unleased or with a lapsed lease, of a
+        batch that is in progress and not past its deadline."""
+        runnable = and_(
+            shards.c.status == SHARD_PENDING,
+            or_(shards.c.lease_until.is_(None), shards.c.lease_until < now),
+            shards.c.batch_id.in_(
+                select(batches.c.id).where(
+                    batches.c.status == IN_PROGRESS, batches.c.expires_at > now
+                )
+            ),
+        )
+        async with self._write() as conn:
+            q = (
+                select(shards.c.batch_id, shards.c.idx)
+                .where(runnable)
+                .order_by(shards.c.batch_id, shards.c.idx)
+                .limit(n)
+                .with_for_update(**self._skip_locked())
+            )
+            keys = [(r.batch_id, r.idx) for r in (await conn.execute(q))]
+            claims: list[ShardClaim] = []
+            for batch_id, idx in keys:
+                row = (
+                    (
+                        await conn.execute(
+                            update(shards)
+                            .where(shards.c.batch_id == batch_id, shards.c.idx == idx)
+                            .values(
+                                lease_owner=owner,
+                                lease_until=now + lease_seconds,
+                                token=shards.c.token + 1,
+                            )
+                            .returning(shards)
+                        )
+                    )
+                    .mappings()
+                    .one()
+                )
+                b = (
+                    await conn.execute(
+                        select(
+                            batches.c.endpoint, batches.c.input_blob_key, batches.c.expires_at
+                        ).where(batches.c.id == batch_id)
+                    )
+                ).one()
+                claims.append(
+                    ShardClaim(
+                        batch_id=batch_id,
+                        idx=idx,
+                        span=ShardSpan(
+                            row["start_offset"],
+                            row["end_offset"],
+                            row["first_line"],
+                            row["line_count"],
+                        ),
+                        token=row["token"],
+                        done=bytes(row["done"]),
+                        part_seq=row["part_seq"],
+                        endpoint=b.endpoint,
+                        input_blob_key=b.input_blob_key,
+                        expires_at=b.expires_at,
+                    )
+                )
+            return claims
+
+    async def renew_leases(
+        self, owner: str, held: Iterable[tuple[str, int, int]], until: float
+    ) -> list[tuple[str, int]]:
+        """Extend the leases of ``(batch_id, idx, token)``; return those that were lost."""
+        lost: list[tuple[str, int]] = []
+        async with self._write() as conn:
+            for batch_id, idx, token in held:
+                res = await conn.execute(
+                    update(shards)
+                    .where(
+                        shards.c.batch_id == batch_id,
+                        shards.c.idx == idx,
+                        shards.c.token == token,
+                        shards.c.lease_owner == owner,
+                    )
+                    .values(lease_until=until)
+                )
+                if not res.rowcount:
+                    lost.append((batch_id, idx))
+        return lost
+
+    async def checkpoint(
+        self,
+        claim: ShardClaim,
+        *,
+        done: bytes,
+        part: Part | None,
+        usage: Usage,
+        shard_done: bool,
+        release: bool = False,
+    ) -> None:
+        """Record one checkpoint of a shard, fenced by the claim's token.
+
+        Adds the part, stores the new done-bitmap, moves the batch's counters. Raises
+        :class:`LeaseLost` (and changes nothing) when another worker holds the shard now.
+        """
+        values: dict[str, Any] = {"done": done}
+        if part is not None:
+            values["part_seq"] = part.seq
+        if shard_done:
+            values.update(status=SHARD_DONE, lease_owner=None, lease_until=None)
+        elif release:
+            values.update(lease_owner=None, lease_until=None)
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(shards)
+                .where(
+                    shards.c.batch_id == claim.batch_id,
+                    shards.c.idx == claim.idx,
+                    shards.c.token == claim.token,
+                    shards.c.status == SHARD_PENDING,
+                )
+                .values(**values)
+            )
+            if not res.rowcount:
+                raise LeaseLost(f"shard {claim.batch_id}/{claim.idx} was taken over")
+            if part is None:
+                return
+            await conn.execute(
+                insert(parts).values(
+                    batch_id=part.batch_id,
+                    shard_idx=part.shard_idx,
+                    seq=part.seq,
+                    out_key=part.out_key,
+                    err_key=part.err_key,
+                    out_lines=part.out_lines,
+                    err_lines=part.err_lines,
+                )
+            )
+            await conn.execute(
+                update(batches)
+                .where(batches.c.id == claim.batch_id)
+                .values(
+                    completed=batches.c.completed + part.out_lines,
+                    failed=batches.c.failed + part.err_lines,
+                    input_tokens=batches.c.input_tokens + usage.input_tokens,
+                    cached_tokens=batches.c.cached_tokens + usage.cached_tokens,
+                    output_tokens=batches.c.output_tokens + usage.output_tokens,
+                    reasoning_tokens=batches.c.reasoning_tokens + usage.reasoning_tokens,
+                )
+            )
+
+    async def signals(self, batch_ids: Iterable[str]) -> dict[str, BatchSignal]:
+        ids = list(set(batch_ids))
+        if not ids:
+            return {}
+        q = select(batches.c.id, batches.c.status, batches.c.expires_at).where(
+            batches.c.id.in_(ids)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(q)).all()
+        return {r.id: BatchSignal(r.id, r.status, r.expires_at) for r in rows}
+
+    # -- finalising -------------------------------------------------------------------
+    async def claim_finalize(
+        self, owner: str, now: float, lease_seconds: float, ids: tuple[str, str]
+    ) -> BatchRecord | None:
+        """Lease one batch that is ready to finalise: in progress with every shard done,
+        cancelling, or past its deadline, and with no shard still leased. ``ids`` are fresh
+        output and error file ids, used only if the batch has none yet."""
+        live_lease = exists().where(
+            shards.c.batch_id == batches.c.id,
+            shards.c.status == SHARD_PENDING,
+            shards.c.lease_until.is_not(None),
+            shards.c.lease_until >= now,
+        )
+        pending = exists().where(
+            shards.c.batch_id == batches.c.id, shards.c.status == SHARD_PENDING
+        )
+        ready = and_(
+            or_(batches.c.final_until.is_(None), batches.c.final_until < now),
+            or_(
+                and_(batches.c.status.in_((IN_PROGRESS, FINALIZING)), ~pending),
+                and_(batches.c.status == CANCELLING, ~live_lease),
+                and_(
+                    batches.c.status.in_((IN_PROGRESS, FINALIZING)),
+                    batches.c.expires_at <= now,
+                    ~live_lease,
+                ),
+            ),
+        )
+        async with self._write() as conn:
+            q = (
+                select(batches.c.id)
+                .where(ready)
+                .order_by(batches.c.id)
+                .limit(1)
+                .with_for_update(**self._skip_locked())
+            )
+            batch_id = (await conn.execute(q)).scalar()
+            if batch_id is None:
+                return None
+            await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id)
+                .values(
+                    final_owner=owner,
+                    final_until=now + lease_seconds,
+                    output_file_id=func.coalesce(batches.c.output_file_id, ids[0]),
+                    error_file_id=func.coalesce(batches.c.error_file_id, ids[1]),
+                )
+            )
+            row = (
+                (await conn.execute(select(batches).where(batches.c.id == batch_id)))
+                .mappings()
+                .one()
+            )
+            return _batch(row)
+
+    async def mark_finalizing(self, batch_id: str, owner: str, at: int) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.final_owner == owner,
+                    batches.c.status == IN_PROGRESS,
+                )
+                .values(status=FINALIZING, finalizing_at=at)
+            )
+
+    async def batch_shards(self, batch_id: str) -> list[tuple[int, ShardSpan, bytes]]:
+        q = select(shards).where(shards.c.batch_id == batch_id).order_by(shards.c.idx)
+        async with self._read() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [
+            (
+                r["idx"],
+                ShardSpan(r["start_offset"], r["end_offset"], r["first_line"], r["line_count"]),
+                bytes(r["done"]),
+            )
+            for r in rows
+        ]
+
+    async def batch_parts(self, batch_id: str) -> list[Part]:
+        q = (
+            select(parts)
+            .where(parts.c.batch_id == batch_id)
+            .order_by(parts.c.shard_idx, parts.c.seq)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [
+            Part(
+                r["batch_id"],
+                r["shard_idx"],
+                r["seq"],
+                r["out_key"],
+                r["err_key"],
+                r["out_lines"],
+                r["err_lines"],
+            )
+            for r in rows
+        ]
+
+    async def complete_batch(
+        self,
+        batch_id: str,
+        owner: str,
+        *,
+        status: str,
+        at: int,
+        output_file: FileRecord | None,
+        error_file: FileRecord | None,
+        completed: int,
+        failed: int,
+    ) -> bool:
+        """The last step of finalising: create the result files' records and end the batch.
+        False (and nothing changed) if the lease was lost or the batch already ended."""
+        if status not in TERMINAL:
+            raise ValueError(status)
+        stamp = {"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.final_owner == owner,
+                    batches.c.status.not_in(tuple(TERMINAL)),
+                )
+                .values(
+                    status=status,
+                    output_file_id=output_file.id if output_file else None,
+                    error_file_id=error_file.id if error_file else None,
+                    completed=completed,
+                    failed=failed,
+                    final_owner=None,
+                    final_until=None,
+                    **{stamp[status]: at},
+                )
+            )
+            if not res.rowcount:
+                return False
+            for rec in (output_file, error_file):
+                if rec is not None:
+                    await conn.execute(insert(files).values(**_file_values(rec)))
+            await conn.execute(delete(parts).where(parts.c.batch_id == batch_id))
+            return True

@@ -1,0 +1,256 @@
+"""A small OpenAI-compatible model server for tests and benchmarks.
+
+It answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+``/v1/responses`` and ``/v1/moderations`` like a real server would (the chat answer echoes
+the last user message), with switches set by ``POST /_control``:
+
+- ``latency``: seconds before each answer;
+- ``fail_rate``: share of requests answered 500;
+- ``rate_limit_rate``: share answered 429 with ``retry-after: <retry_after>``;
+- ``reject_content``: a substring that makes a chat request a final 400.
+
+``GET /_stats`` reports the requests seen, the most in flight at once, and how often each
+prompt was answered with a 2xx (to find duplicates). ``POST /_reset`` clears them.
+
+Run: ``python -m batchd.testing.fake_upstream --port 9000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Switches:
+    latency: float = 0.0
+    fail_rate: float = 0.0
+    rate_limit_rate: float = 0.0
+    retry_after: float = 0.05
+    reject_content: str | None = None
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    status: Counter[int] = field(default_factory=Counter)
+    answered: Counter[str] = field(default_factory=Counter)
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        msgs = body.get("messages") or [{}]
+        content = msgs[-1].get("content", "") if isinstance(msgs[-1], dict) else ""
+        return content if isinstance(content, str) else orjson.dumps(content).decode()
+    for key in ("prompt", "input"):
+        if key in body:
+            value = body[key]
+            return value if isinstance(value, str) else orjson.dumps(value).decode()
+    return ""
+
+
+def _usage(prompt: str, completion: int) -> dict[str, int]:
+    p = max(1, len(prompt) // 4)
+    return {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}
+
+
+def answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    model = body.get("model", "fake")
+    prompt = _prompt(body)
+    now = int(time.time())
+    if path.endswith("/chat/completions"):
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": now,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": f"echo: {prompt}"},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(prompt, 3),
+        }
+    if path.endswith("/completions"):
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": now,
+            "model": model,
+            "choices": [
+                {"index": 0, "text": f" echo: {prompt}", "finish_reason": "stop", "logprobs": None}
+            ],
+            "usage": _usage(prompt, 3),
+        }
+    if path.endswith("/embeddings"):
+        inputs = body.get("input", "")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        rng = random.Random(prompt)
+        return {
+            "object": "list",
+            "model": model,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": [rng.random() for _ in range(8)]}
+                for i in range(len(items))
+            ],
+            "usage": {
+                "prompt_tokens": max(1, len(prompt) // 4),
+                "total_tokens": max(1, len(prompt) // 4),
+            },
+        }
+    if path.endswith("/responses"):
+        return {
+            "id": f"resp_{uuid.uuid4().hex}",
+            "object": "response",
+            "created_at": now,
+            "model": model,
+            "status": "completed",
+            "output": [
+                {
+                    "type": "message",
+                    "id": f"msg_{uuid.uuid4().hex}",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [
+                        {"type": "output_text", "text": f"echo: {prompt}", "annotations": []}
+                    ],
+                }
+            ],
+            "usage": {
+                "input_tokens": max(1, len(prompt) // 4),
+                "output_tokens": 3,
+                "total_tokens": max(1, len(prompt) // 4) + 3,
+            },
+        }
+    return {
+        "id": f"modr-{uuid.uuid4().hex}",
+        "model": model,
+        "results": [{"flagged": False, "categories": {}, "category_scores": {}}],
+    }
+
+
+def _error(status: int, message: str, type_: str) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _injected_failure(switches: Switches, prompt: str) -> web.Response | None:
+    roll = random.random()
+    if roll < switches.fail_rate:
+        return _error(500, "The server had an error.", "server_error")
+    if roll < switches.fail_rate + switches.rate_limit_rate:
+        resp = _error(429, "Rate limit reached.", "rate_limit_error")
+        resp.headers["retry-after"] = str(switches.retry_after)
+        return resp
+    if switches.reject_content and switches.reject_content in prompt:
+        return _error(400, "This request was rejected.", "invalid_request_error")
+    return None
+
+
+def make_app(latency: float = 0.0) -> web.Application:
+    switches = Switches(latency=latency)
+    stats = Stats()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        stats.requests += 1
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        try:
+            raw = await request.read()
+            if switches.latency:
+                await asyncio.sleep(switches.latency)
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                stats.status[400] += 1
+                return _error(
+                    400,
+                    "We could not parse the JSON body of your request.",
+                    "invalid_request_error",
+                )
+            prompt = _prompt(body)
+            failure = _injected_failure(switches, prompt)
+            if failure is not None:
+                stats.status[failure.status] += 1
+                return failure
+            stats.status[200] += 1
+            stats.answered[prompt] += 1
+            return web.Response(
+                body=orjson.dumps(answer(request.path, body)),
+                content_type="application/json",
+                headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
+            )
+        finally:
+            stats.in_flight -= 1
+
+    async def control(request: web.Request) -> web.Response:
+        for key, value in (await request.json()).items():
+            if not hasattr(switches, key):
+                return _error(400, f"unknown switch {key}", "invalid_request_error")
+            setattr(switches, key, value)
+        return web.json_response(vars(switches))
+
+    async def get_stats(_: web.Request) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "requests": stats.requests,
+                    "in_flight": stats.in_flight,
+                    "max_in_flight": stats.max_in_flight,
+                    "status": {str(k): v for k, v in stats.status.items()},
+                    "answered": dict(stats.answered),
+                }
+            ),
+            content_type="application/json",
+        )
+
+    async def reset(_: web.Request) -> web.Response:
+        nonlocal stats
+        fresh = Stats()
+        stats.requests, stats.max_in_flight = fresh.requests, stats.in_flight
+        stats.status, stats.answered = fresh.status, fresh.answered
+        return web.json_response({"ok": True})
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/_control", control)
+    app.router.add_get("/_stats", get_stats)
+    app.router.add_post("/_reset", reset)
+    for path in ("chat/completions", "completions", "embeddings", "responses", "moderations"):
+        app.router.add_post(f"/v1/{path}", handle)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A fake OpenAI-compatible upstream.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args()
+    import uvloop
+
+    web.run_app(
+        make_app(args.latency),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
+    )
+
+
+if __name__ == "__main__":
+    main()
