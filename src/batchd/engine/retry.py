@@ -22,7 +22,7 @@ from tenacity import (
 from batchd.backends.base import UpstreamError, UpstreamResponse
 
 RETRY_STATUSES = frozenset({408, 409, 429})
-_backoff = wait_random_exponential(multiplier=0.25, max=30)
+_backoff = wait_random_exponential(multiplier=0.1, max=20)
 
 
 def is_retryable(status: int) -> bool:
