@@ -34,12 +34,21 @@ def base_config(upstream: Upstream, **extra: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "auth": {"keys": {API_KEY: "team-a", OTHER_KEY: "team-b"}},
         "deployments": [
-            {"model": "gpt-4o", "backend": "openai", "base_url": upstream.v1, "max_concurrency": 32},
+            {
+                "model": "gpt-4o",
+                "backend": "openai",
+                "base_url": upstream.v1,
+                "max_concurrency": 32,
+            },
             {"model": "text-embedding-3-small", "backend": "openai", "base_url": upstream.v1},
         ],
         "limits": {"completion_windows": ["24h", "5s", "30s"]},
-        "engine": {"lease_seconds": 3.0, "checkpoint_seconds": 0.2, "cancel_grace_seconds": 2.0,
-                   "poll_seconds": 0.1},
+        "engine": {
+            "lease_seconds": 3.0,
+            "checkpoint_seconds": 0.2,
+            "cancel_grace_seconds": 2.0,
+            "poll_seconds": 0.1,
+        },
     }
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -83,12 +92,29 @@ def server(shared_server: Server, upstream: Upstream) -> Server:
 
 
 @pytest.fixture
-def client(server: Server) -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+def sdk() -> Iterator[Callable[..., OpenAI]]:
+    """Make OpenAI clients for a server; all are closed after the test."""
+    made: list[OpenAI] = []
+
+    def make(server: Server, key: str = API_KEY, path: str = "/v1", retries: int = 0) -> OpenAI:
+        c = OpenAI(base_url=server.url + path, api_key=key, max_retries=retries)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
 
 
 @pytest.fixture
-def azure(server: Server) -> AzureOpenAI:
-    return AzureOpenAI(
+def client(server: Server, sdk: Callable[..., OpenAI]) -> OpenAI:
+    return sdk(server)
+
+
+@pytest.fixture
+def azure(server: Server) -> Iterator[AzureOpenAI]:
+    c = AzureOpenAI(
         azure_endpoint=server.url, api_key=API_KEY, api_version="2024-07-01-preview", max_retries=0
     )
+    yield c
+    c.close()

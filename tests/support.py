@@ -75,8 +75,9 @@ class Proc:
 def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
     full_env = {**os.environ, **(env or {})}
     fh = log.open("ab")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, stdin=subprocess.DEVNULL
+    )
     fh.close()
     return Proc(proc, log)
 
@@ -103,8 +104,18 @@ class Upstream:
 def start_upstream(tmp: Path, latency: float = 0.0) -> Upstream:
     port = free_port()
     log = tmp / f"upstream-{port}.log"
-    proc = spawn([sys.executable, "-m", "batchd.testing.fake_upstream", "--port", str(port),
-                  "--latency", str(latency)], log)
+    proc = spawn(
+        [
+            sys.executable,
+            "-m",
+            "batchd.testing.fake_upstream",
+            "--port",
+            str(port),
+            "--latency",
+            str(latency),
+        ],
+        log,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/_stats", proc.proc, log)
     return Upstream(url, proc)
@@ -143,16 +154,19 @@ def start_worker(config_path: Path, tmp: Path, n: int) -> Proc:
     return spawn([*BATCHD, "worker", "--config", str(config_path)], log)
 
 
-def chat_lines(n: int, model: str = "gpt-4o", url: str = "/v1/chat/completions",
-               prefix: str = "req") -> bytes:
+def chat_lines(
+    n: int, model: str = "gpt-4o", url: str = "/v1/chat/completions", prefix: str = "req"
+) -> bytes:
     rows = [
         json.dumps(
             {
                 "custom_id": f"{prefix}-{i}",
                 "method": "POST",
                 "url": url,
-                "body": {"model": model,
-                         "messages": [{"role": "user", "content": f"{prefix}-{i}"}]},
+                "body": {
+                    "model": model,
+                    "messages": [{"role": "user", "content": f"{prefix}-{i}"}],
+                },
             }
         )
         for i in range(n)
@@ -160,8 +174,12 @@ def chat_lines(n: int, model: str = "gpt-4o", url: str = "/v1/chat/completions",
     return ("\n".join(rows) + "\n").encode()
 
 
-def wait_batch(client: Any, batch_id: str, timeout: float = 60,
-               statuses: tuple[str, ...] = ("completed", "failed", "cancelled", "expired")) -> Any:
+def wait_batch(
+    client: Any,
+    batch_id: str,
+    timeout: float = 60,
+    statuses: tuple[str, ...] = ("completed", "failed", "cancelled", "expired"),
+) -> Any:
     deadline = time.time() + timeout
     while True:
         b = client.batches.retrieve(batch_id)
@@ -220,5 +238,18 @@ def start_moto(tmp: Path) -> tuple[str, Proc]:
     return url, proc
 
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def require_postgres() -> None:
+    """Skip when there is no PostgreSQL here, except in CI, where it must run."""
+    import pytest
+
+    if not pg_reachable():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not reachable and CI is set: the PostgreSQL tests must run")
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")

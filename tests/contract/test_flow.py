@@ -19,8 +19,12 @@ from tests.support import Server, Upstream, chat_lines, read_jsonl, wait_batch
 def test_seed_flow_azure(azure: AzureOpenAI, upstream: Upstream) -> None:
     """The notebook, step by step: upload, poll until processed, create, poll, download."""
     lines = [
-        {"custom_id": f"task-{i}", "method": "POST", "url": "/chat/completions",
-         "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": f"hello {i}"}]}}
+        {
+            "custom_id": f"task-{i}",
+            "method": "POST",
+            "url": "/chat/completions",
+            "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": f"hello {i}"}]},
+        }
         for i in range(5)
     ]
     data = "\n".join(json.dumps(x) for x in lines).encode()
@@ -64,14 +68,24 @@ def test_seed_flow_azure(azure: AzureOpenAI, upstream: Upstream) -> None:
 def test_openai_flow_with_errors(client: OpenAI, upstream: Upstream) -> None:
     """OpenAI's client; a final 400 from upstream lands in the error file as returned."""
     upstream.control(reject_content="bad")
-    data = chat_lines(20) + json.dumps(
-        {"custom_id": "bad-1", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "bad"}]}}
-    ).encode() + b"\n"
+    data = (
+        chat_lines(20)
+        + json.dumps(
+            {
+                "custom_id": "bad-1",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "bad"}]},
+            }
+        ).encode()
+        + b"\n"
+    )
     file = client.files.create(file=("in.jsonl", data), purpose="batch")
     # Created right away, while the file may still be checked: the batch waits in validating.
     batch = client.batches.create(
-        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h",
+        input_file_id=file.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
         metadata={"job": "nightly"},
     )
     assert batch.metadata == {"job": "nightly"}
@@ -87,9 +101,9 @@ def test_openai_flow_with_errors(client: OpenAI, upstream: Upstream) -> None:
     assert upstream.stats()["status"]["400"] == 1
 
 
-def test_openai_v1_tree_on_azure_path(server: Server) -> None:
+def test_openai_v1_tree_on_azure_path(server: Server, sdk: Callable[..., OpenAI]) -> None:
     """Azure's newer /openai/v1 base works with the plain OpenAI client."""
-    c = OpenAI(base_url=server.url + "/openai/v1", api_key=API_KEY, max_retries=0)
+    c = sdk(server, path="/openai/v1")
     file = c.files.create(file=("in.jsonl", chat_lines(3)), purpose="batch")
     file = c.files.wait_for_processing(file.id, poll_interval=0.1)
     assert file.status == "processed"
@@ -101,8 +115,12 @@ def test_openai_v1_tree_on_azure_path(server: Server) -> None:
 
 def test_embeddings(client: OpenAI) -> None:
     rows = [
-        {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
-         "body": {"model": "text-embedding-3-small", "input": f"text {i}"}}
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "text-embedding-3-small", "input": f"text {i}"},
+        }
         for i in range(4)
     ]
     data = "\n".join(json.dumps(r) for r in rows).encode()
@@ -117,9 +135,11 @@ def test_embeddings(client: OpenAI) -> None:
     assert all(len(r["response"]["body"]["data"][0]["embedding"]) == 8 for r in out)
 
 
-def test_pagination(make_server: Callable[..., Server], upstream: Upstream) -> None:
+def test_pagination(
+    make_server: Callable[..., Server], upstream: Upstream, sdk: Callable[..., OpenAI]
+) -> None:
     server = make_server(base_config(upstream))
-    client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    client = sdk(server)
     file = client.files.create(file=("p.jsonl", chat_lines(1)), purpose="batch")
     client.files.wait_for_processing(file.id, poll_interval=0.1)
     ids = [
@@ -179,11 +199,11 @@ def test_deleting_input_of_running_batch(client: OpenAI, upstream: Upstream) -> 
     assert batch.request_counts is not None and batch.request_counts.completed == 60
 
 
-def test_projects_are_isolated(server: Server) -> None:
+def test_projects_are_isolated(server: Server, sdk: Callable[..., OpenAI]) -> None:
     from tests.conftest import OTHER_KEY
 
-    a = OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
-    b = OpenAI(base_url=server.url + "/v1", api_key=OTHER_KEY, max_retries=0)
+    a = sdk(server)
+    b = sdk(server, OTHER_KEY)
     file = a.files.create(file=("a.jsonl", chat_lines(1)), purpose="batch")
     for call in (
         lambda: b.files.retrieve(file.id),
@@ -197,7 +217,7 @@ def test_projects_are_isolated(server: Server) -> None:
             call()
         assert getattr(exc.value, "status_code", None) == 404
     assert b.files.list().data == []
-    bad = OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0)
+    bad = sdk(server, "sk-wrong")
     with pytest.raises(Exception) as exc:
         bad.files.list()
     assert getattr(exc.value, "status_code", None) == 401
@@ -216,9 +236,18 @@ def test_azure_key_header_and_api_version(server: Server) -> None:
 
 def test_base64_roundtrip_of_binary_safe_upload(client: OpenAI) -> None:
     """Bytes come back exactly as uploaded, including non-ASCII text."""
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "héllo ✓ " +
-            base64.b64encode(bytes(range(256))).decode()}]}
-    data = (json.dumps({"custom_id": "u", "method": "POST", "url": "/v1/chat/completions",
-                        "body": body}, ensure_ascii=False) + "\n").encode()
+    body = {
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "user", "content": "héllo ✓ " + base64.b64encode(bytes(range(256))).decode()}
+        ],
+    }
+    data = (
+        json.dumps(
+            {"custom_id": "u", "method": "POST", "url": "/v1/chat/completions", "body": body},
+            ensure_ascii=False,
+        )
+        + "\n"
+    ).encode()
     file = client.files.create(file=("u.jsonl", data), purpose="batch")
     assert client.files.content(file.id).content == data

@@ -17,6 +17,7 @@ from batchd.models import (
     now,
 )
 from batchd.service.activation import Activator
+from batchd.service.files import file_error
 from batchd.store.sql import Store
 
 MAX_METADATA_PAIRS = 16
@@ -122,10 +123,10 @@ class BatchService:
                 param="input_file_id",
             )
         if file.status == FILE_ERROR:
-            first = file.summary.issues[0] if file.summary and file.summary.issues else None
+            fatal = file_error(file.summary) if file.summary else None
             raise InvalidRequest(
                 f"File {input_file_id} failed validation: {file.status_details}",
-                code=first.code if first else "invalid_file",
+                code=fatal.code if fatal else "invalid_file",
                 param="input_file_id",
             )
         created = now()

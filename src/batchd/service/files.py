@@ -19,6 +19,7 @@ from batchd.models import (
     PURPOSE_BATCH,
     FileRecord,
     FileSummary,
+    ValidationIssue,
     new_id,
     now,
 )
@@ -42,6 +43,12 @@ def clean_filename(name: str | None) -> str:
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(ch for ch in base if ch.isprintable()).strip()
     return base[:255] or "upload.jsonl"
+
+
+def file_error(summary: FileSummary) -> ValidationIssue | None:
+    """Why a batch input is not usable at all (not JSONL, or no request in it), if it is not."""
+    fatal = ("invalid_json_line", "empty_file")
+    return next((i for i in summary.issues if i.code in fatal), None)
 
 
 @dataclass(slots=True)
@@ -161,12 +168,10 @@ class FileService:
                     rec.id, self._owner, time.time() + VALIDATION_LEASE
                 )
         summary = await anyio.to_thread.run_sync(validator.finish)
-        if summary.jsonl_ok and summary.lines:
-            status, details = FILE_PROCESSED, None
-        else:
-            status = FILE_ERROR
-            first = summary.issues[0] if summary.issues else None
-            details = first.message if first else "The file is not valid JSONL."
+        status, details = FILE_PROCESSED, None
+        fatal = file_error(summary)
+        if fatal is not None:
+            status, details = FILE_ERROR, fatal.message
         await self._store.finish_validation(rec.id, status=status, details=details, summary=summary)
         log.info("file %s validated: %s, %d lines", rec.id, status, summary.lines)
         for batch in await self._store.validating_batches(rec.id):

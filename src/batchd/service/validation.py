@@ -160,6 +160,12 @@ class Validator:
         self.summary.lines += 1
         if self.summary.lines > self._max_lines:
             return  # counted for too_many_tasks; not checked further
+        if not text.isascii():
+            try:
+                text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self._not_jsonl(f"Line {n} is not valid UTF-8 (byte {exc.start + 1}).", n)
+                return
         try:
             line = _line_decoder.decode(text)
         except msgspec.DecodeError as exc:

@@ -1,0 +1,98 @@
+"""Settings: every key documented, bad configs refused with the key named."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from batchd.config import Settings, load_settings
+from batchd.errors import ConfigError
+
+DOCS = Path(__file__).parents[2] / "docs" / "configuration.md"
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        for candidate in (*getattr(ann, "__args__", ()), ann):
+            inner = getattr(candidate, "__args__", None)
+            target = inner[0] if inner else candidate
+            if isinstance(target, type) and issubclass(target, BaseModel):
+                keys.extend(_keys(target, prefix + name + "."))
+                break
+    return keys
+
+
+def test_every_setting_is_documented() -> None:
+    documented = set(re.findall(r"^\| `([a-z0-9_.]+)` \|", DOCS.read_text(), re.M))
+    missing = [
+        k
+        for k in _keys(Settings)
+        if k not in documented
+        and not k.endswith(("s3", "auth", "deployments", "limits", "engine", "webhooks"))
+    ]
+    assert missing == []
+
+
+def test_defaults_serve_the_embedded_models(tmp_path: Path) -> None:
+    s = load_settings(None, data_dir=str(tmp_path))
+    models = {d.model: d.backend for d in s.effective_deployments()}
+    assert models == {"smollm2-135m-instruct": "local", "all-minilm-l6-v2": "local"}
+    assert s.engine.embedded is True
+    assert s.resolved_database_url.endswith("batchd.db")
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("colour = 'blue'\n", "colour: unknown key"),
+        ("[limits]\nmax_file_bytes = 'big'\n", "limits.max_file_bytes"),
+        ("[[deployments]]\nmodel = 'm'\nbackend = 'openai'\n", "needs base_url"),
+        ("[engine]\nembeded = true\n", "engine.embeded: unknown key"),
+        ("[limits]\ncompletion_windows = ['1 week']\n", "completion window"),
+        (
+            "[[deployments]]\nmodel = 'm'\nbase_url = 'http://x/v1'\n"
+            "[[deployments]]\nmodel = 'm'\nbase_url = 'http://y/v1'\n",
+            "configured twice",
+        ),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, toml: str, named: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(path)
+    assert named in str(exc.value)
+
+
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[engine]\nembedded = true\nshard_lines = 10\n")
+    monkeypatch.setenv("BATCHD_ENGINE__EMBEDDED", "false")
+    s = load_settings(path)
+    assert s.engine.embedded is False and s.engine.shard_lines == 10
+    monkeypatch.setenv(
+        "BATCHD_DEPLOYMENTS", '[{"model": "m", "base_url": "http://127.0.0.1:1/v1"}]'
+    )
+    assert [d.model for d in load_settings(path).effective_deployments()] == ["m"]
+
+
+def test_serve_refuses_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[[deployments]]\nmodel = 'm'\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchd.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "deployments.0" in proc.stderr and "base_url" in proc.stderr
