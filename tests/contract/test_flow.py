@@ -251,3 +251,19 @@ def test_base64_roundtrip_of_binary_safe_upload(client: OpenAI) -> None:
     ).encode()
     file = client.files.create(file=("u.jsonl", data), purpose="batch")
     assert client.files.content(file.id).content == data
+
+
+def test_openapi_document_and_file_expiry(client: OpenAI, server: Server) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/openapi.json") as resp:
+        doc = json.loads(resp.read())
+    assert {"/v1/files", "/v1/batches", "/v1/batches/{batch_id}/cancel"} <= set(doc["paths"])
+    f = client.files.create(
+        file=("x.jsonl", chat_lines(1)),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+    assert f.expires_at == f.created_at + 7200
+    default = client.files.create(file=("y.jsonl", chat_lines(1)), purpose="batch")
+    assert default.expires_at == default.created_at + 30 * 86400
