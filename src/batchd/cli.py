@@ -1,4 +1,5 @@
-"""The ``batchd`` command: ``serve``, ``worker`` and ``migrate``."""
+"""The ``batchd`` command: ``serve``, ``worker`` and ``migrate``; and the client commands
+``submit``, ``ls``, ``show``, ``cancel``, ``results`` and ``retry`` (see ``client.py``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from batchd import client
 from batchd.config import Settings, load_settings
 from batchd.errors import ConfigError
 
@@ -66,7 +68,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
     store, blobs = await _open(settings)
     hooks = []
     if settings.engine.embedded:
-        hooks.append(_engine(settings, store, blobs, owner).running())
+        hooks.append(_engine_process(settings))
     else:
         log.info("[engine] embedded = false: this server runs no batches; start `batchd worker`")
     _describe(settings)
@@ -88,20 +90,104 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
         await store.close()
 
 
-async def _worker(settings: Settings) -> None:
-    owner = _owner("worker")
+async def _worker(settings: Settings, parent: int | None = None) -> None:
+    owner = _owner("worker" if parent is None else "engine")
     store, blobs = await _open(settings)
-    _describe(settings)
+    if parent is None:
+        _describe(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watch = loop.create_task(_orphaned(parent)) if parent is not None else None
     try:
         async with _engine(settings, store, blobs, owner).running():
             await stop.wait()
     finally:
+        if watch is not None:
+            watch.cancel()
         await blobs.close()
         await store.close()
+
+
+# -- the embedded engine's own process ---------------------------------------------------------
+# ``batchd serve`` runs its embedded engine in a child process rather than on the API's event
+# loop: a busy engine (thousands of responses a second) kept every API request waiting behind
+# its callbacks and its GIL, and pushed poll latency to hundreds of milliseconds. The child is
+# ``batchd worker`` in all but name; nothing the two need is shared in memory.
+ENGINE_RESTART_SECONDS = 1.0
+
+
+async def _orphaned(parent: int) -> None:
+    """End the engine's process like ``kill -9`` when ``batchd serve`` is gone (the
+    parent-death signal does it at once on Linux; this catches the rest)."""
+    while True:
+        await asyncio.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _engine_main(settings: Settings, parent: int) -> None:
+    """Entry point of the engine's child process."""
+    _die_with_parent()
+    if os.getppid() != parent:
+        return
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(_worker(settings, parent))
+
+
+@contextlib.asynccontextmanager
+async def _engine_process(settings: Settings) -> AsyncIterator[None]:
+    """Run the embedded engine in a child process for as long as the server runs; start it
+    again if it dies."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs: list[Any] = []
+
+    def start() -> None:
+        proc = ctx.Process(
+            target=_engine_main, args=(settings, os.getpid()), name="batchd-engine"
+        )
+        proc.start()
+        procs[:] = [proc]
+
+    async def keep_running() -> None:
+        while True:
+            await asyncio.sleep(ENGINE_RESTART_SECONDS)
+            if not procs[0].is_alive():
+                log.warning("the engine process exited (%s); starting it again", procs[0].exitcode)
+                await asyncio.to_thread(procs[0].join)
+                start()
+
+    start()
+    monitor = asyncio.get_running_loop().create_task(keep_running())
+    try:
+        yield
+    finally:
+        monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await monitor
+        proc = procs[0]
+        if proc.is_alive():
+            proc.terminate()
+            await asyncio.to_thread(proc.join, 15)
+        if proc.is_alive():
+            proc.kill()
+            await asyncio.to_thread(proc.join)
 
 
 async def _migrate(settings: Settings) -> None:
@@ -131,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_worker.add_argument("--config", help="TOML configuration file")
     p_migrate = sub.add_parser("migrate", help="bring the database schema up to date")
     p_migrate.add_argument("--config", help="TOML configuration file")
+    client.add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in client.COMMANDS:
+        return client.run(args)
     try:
         settings = _settings(args)
         if args.command == "serve":

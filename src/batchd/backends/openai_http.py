@@ -12,6 +12,7 @@ import uuid
 from email.utils import parsedate_to_datetime
 
 import aiohttp
+from yarl import URL
 
 from batchd.backends.base import (
     Backend,
@@ -49,25 +50,49 @@ class OpenAIHTTPBackend(Backend):
             self._headers["api-key"] = api_key
         self._max = max_concurrency
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
-    def _url(self, endpoint: str) -> str:
-        return self._base + (endpoint[3:] if self._strip_v1 else endpoint)
+    def _url(self, endpoint: str) -> URL:
+        # Parsed once per endpoint: aiohttp would otherwise parse the string per request.
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = URL(self._base + (endpoint[3:] if self._strip_v1 else endpoint))
+            self._urls[endpoint] = url
+        return url
+
+    def _timeout(self, time_limit: float) -> aiohttp.ClientTimeout:
+        # The same limit comes back for nearly every request: reuse its timeout object.
+        cached = self._timeouts.get(time_limit)
+        if cached is None:
+            # No sock_read: ``total`` always fires first, and a sock_read timer is moved on
+            # every chunk received.
+            cached = aiohttp.ClientTimeout(
+                total=time_limit, connect=min(CONNECT_TIMEOUT, time_limit)
+            )
+            if len(self._timeouts) > 64:
+                self._timeouts.clear()
+            self._timeouts[time_limit] = cached
+        return cached
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
                 limit=self._max, limit_per_host=self._max, keepalive_timeout=60
             )
+            # No cookie jar: model servers do not need cookies, and the jar is consulted on
+            # every request and every answer.
             self._session = aiohttp.ClientSession(
-                connector=connector, headers=self._headers, auto_decompress=True
+                connector=connector,
+                headers=self._headers,
+                auto_decompress=True,
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
     async def send(self, endpoint: str, body: bytes, *, time_limit: float) -> UpstreamResponse:
         session = self._get_session()
-        t = aiohttp.ClientTimeout(
-            total=time_limit, connect=min(CONNECT_TIMEOUT, time_limit), sock_read=time_limit
-        )
+        t = self._timeout(time_limit)
         try:
             async with session.post(self._url(endpoint), data=body, timeout=t) as resp:
                 data = await resp.read()

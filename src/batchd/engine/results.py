@@ -7,7 +7,7 @@ decoder that skips everything else.
 
 from __future__ import annotations
 
-import uuid
+import os
 
 import msgspec
 import orjson
@@ -86,7 +86,7 @@ def usage_of_line(line: bytes) -> Usage:
 
 
 def _req_id() -> bytes:
-    return b'"batch_req_' + uuid.uuid4().hex.encode() + b'"'
+    return b'"batch_req_' + os.urandom(16).hex().encode() + b'"'
 
 
 def response_line(custom_id: bytes, resp: UpstreamResponse, body: bytes) -> bytes:

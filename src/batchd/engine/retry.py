@@ -1,46 +1,46 @@
 """Which upstream failures are retried, and how: the one place that decides.
 
 Retried: 429, 408, 409 and 5xx answers, timeouts and connection errors, with exponential
-backoff and full jitter (tenacity), never sooner than a ``retry-after`` the upstream sent,
-until the batch's deadline or until the batch is cancelled. Any other answer is final.
+backoff and full jitter (0.1 s doubling up to 20 s, as tenacity's ``wait_random_exponential``),
+never sooner than a ``retry-after`` the upstream sent, until the batch's deadline or until the
+batch is cancelled. Any other answer is final.
+
+The loop is written out by hand rather than with tenacity's ``AsyncRetrying``: it runs once
+per request, and on the path where the first answer is final (nearly every request) it costs
+one call and two comparisons, where ``AsyncRetrying`` cost about 15% of the engine's CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable
-
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    RetryError,
-    retry_if_exception_type,
-    wait_random_exponential,
-)
 
 from batchd.backends.base import UpstreamError, UpstreamResponse
 
 RETRY_STATUSES = frozenset({408, 409, 429})
-_backoff = wait_random_exponential(multiplier=0.1, max=20)
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 20.0
 
 
 def is_retryable(status: int) -> bool:
     return status in RETRY_STATUSES or status >= 500
 
 
-class _RetryableAnswer(Exception):
-    def __init__(self, response: UpstreamResponse) -> None:
-        super().__init__(f"HTTP {response.status_code}")
-        self.response = response
+def backoff(attempt: int) -> float:
+    """Seconds to wait after the ``attempt``-th failure (1-based): full jitter over
+    ``0.1 * 2 ** (attempt - 1)``, capped at 20 s."""
+    high = BACKOFF_MAX if attempt > 16 else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (attempt - 1))
+    return random.uniform(0, high)
 
 
-def _wait(state: RetryCallState) -> float:
-    delay = _backoff(state)
-    exc = state.outcome.exception() if state.outcome else None
-    if isinstance(exc, _RetryableAnswer) and exc.response.retry_after is not None:
-        delay = max(delay, exc.response.retry_after)
-    return delay
+async def _sleep(seconds: float, stop: asyncio.Event) -> None:
+    """Sleep, but wake at once when the batch is stopped."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        pass
 
 
 async def send_with_retries(
@@ -51,37 +51,28 @@ async def send_with_retries(
     time_limit: float,
 ) -> UpstreamResponse | None:
     """Call ``send(seconds)`` until it gives a final answer. ``None`` means the request was
-    given up unanswered because the batch was stopped or reached its deadline."""
-
-    def should_stop(state: RetryCallState) -> bool:
-        return stop.is_set() or time.time() + _wait(state) >= deadline
-
-    async def sleep(seconds: float) -> None:
-        # Wake at once when the batch is cancelled.
+    given up unanswered because the batch was stopped or reached its deadline. Exceptions
+    other than :class:`UpstreamError` are final and propagate."""
+    attempt = 0
+    while True:
+        if stop.is_set():
+            return None
+        left = deadline - time.time()
+        if left <= 0:
+            return None
+        retry_after: float | None = None
         try:
-            await asyncio.wait_for(stop.wait(), timeout=seconds)
-        except TimeoutError:
+            resp = await send(min(time_limit, left))
+        except UpstreamError:
             pass
-
-    retrying = AsyncRetrying(
-        retry=retry_if_exception_type((_RetryableAnswer, UpstreamError)),
-        wait=_wait,
-        stop=should_stop,
-        sleep=sleep,
-        reraise=False,
-    )
-    try:
-        async for attempt in retrying:
-            with attempt:
-                if stop.is_set():
-                    return None
-                left = deadline - time.time()
-                if left <= 0:
-                    return None
-                resp = await send(min(time_limit, left))
-                if is_retryable(resp.status_code):
-                    raise _RetryableAnswer(resp)
+        else:
+            if not is_retryable(resp.status_code):
                 return resp
-    except RetryError:
-        return None
-    return None
+            retry_after = resp.retry_after
+        attempt += 1
+        delay = backoff(attempt)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        if stop.is_set() or time.time() + delay >= deadline:
+            return None
+        await _sleep(delay, stop)

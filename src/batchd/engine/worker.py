@@ -21,8 +21,10 @@ from batchd.config import Settings
 from batchd.engine.finalize import Finalizer
 from batchd.engine.limits import DeploymentLimiter
 from batchd.engine.shard import Route, ShardRun
+from batchd.engine.slots import SlotLeaser
+from batchd.engine.webhooks import WebhookSender
 from batchd.errors import LeaseLost
-from batchd.models import CANCELLING, new_id
+from batchd.models import CANCELLING, new_id, now
 from batchd.service.activation import Activator
 from batchd.service.files import FileService
 from batchd.store.sql import Store
@@ -51,11 +53,15 @@ class Engine:
         self.owner = owner
         self._cfg = settings.engine
         self._spool = Path(settings.data_dir) / "spool"
+        # Limiters start with no slots: the first lease (at start) gives each its share.
         self._routes = {
-            d.model: Route(backends[d.model], DeploymentLimiter(d), d.timeout)
+            d.model: Route(backends[d.model], DeploymentLimiter(d, capacity=0), d.timeout)
             for d in settings.effective_deployments()
             if d.model in backends
         }
+        self.slots = SlotLeaser(
+            store, owner, [r.limiter for r in self._routes.values()], self._cfg.lease_seconds
+        )
         self._runs: dict[tuple[str, int], ShardRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -63,11 +69,14 @@ class Engine:
         activator = Activator(settings, store)
         self._activator = activator
         self._files = FileService(settings, store, blobs, activator, owner)
+        self._webhooks = WebhookSender(settings.webhooks, store) if settings.webhooks else None
 
     # -- lifecycle ----------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Engine]:
+        await self.slots.renew()
         loops = [
+            self.slots.run(),
             self._claim_loop(),
             self._heartbeat_loop(),
             self._signal_loop(),
@@ -86,8 +95,11 @@ class Engine:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
+            await self.slots.release()
             for backend in self._backends.values():
                 await backend.close()
+            if self._webhooks is not None:
+                await self._webhooks.close()
             log.info("engine %s stopped", self.owner)
 
     # -- claiming and running shards -------------------------------------------------------
@@ -204,7 +216,8 @@ class Engine:
                 log.exception("sweep failed")
 
     async def sweep(self) -> None:
-        """Finish what crashed processes left: validations, batch starts, deleted files."""
+        """Finish what crashed processes left (validations, batch starts) and collect deleted
+        and expired files."""
         for rec in await self._store.claim_stale_validations(
             self.owner, time.time(), lease_seconds=60.0
         ):
@@ -212,5 +225,8 @@ class Engine:
             await self._files.validate(rec)
         for batch in await self._store.validating_batches():
             await self._activator.activate(batch)
+        if self._webhooks is not None:
+            await self._webhooks.send_due()
+        await self._store.expire_files(now())
         for rec in await self._store.deleted_files_unreferenced():
             await self._files.collect_if_unused(rec)

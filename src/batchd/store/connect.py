@@ -96,11 +96,13 @@ async def migrate(database_url: str) -> None:
         path = make_url(url).database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, poolclass=NullPool)
+        # BEGIN IMMEDIATE: the write lock is taken before alembic reads its version table, so
+        # a second process waits and then finds the schema up to date.
+        engine = _sqlite_engine(url, writer=True)
+    else:
+        engine = create_async_engine(url, poolclass=NullPool)
     try:
         async with engine.begin() as conn:
-            if conn.dialect.name == "sqlite":
-                await conn.exec_driver_sql("PRAGMA busy_timeout=30000")
             await conn.run_sync(_upgrade, url)
     finally:
         await engine.dispose()

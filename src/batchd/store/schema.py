@@ -114,3 +114,31 @@ parts = Table(
     Column("out_lines", Integer, nullable=False),
     Column("err_lines", Integer, nullable=False),
 )
+
+# Cluster-wide deployment limits: each engine process leases a share of a deployment's
+# in-flight slots, renewed with its heartbeat; a row whose lease lapsed frees its slots.
+deployment_slots = Table(
+    "deployment_slots",
+    metadata,
+    Column("deployment", String(255), primary_key=True),
+    Column("owner", String(64), primary_key=True),
+    Column("want", Integer, nullable=False),
+    Column("slots", Integer, nullable=False),
+    Column("until", Float, nullable=False),
+)
+
+# Batch events (the outbox of webhooks): written in the transaction that ends a batch, delivered
+# by any engine, retried with backoff until every subscribed URL took it.
+events = Table(
+    "events",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project", String(255), nullable=False),
+    Column("batch_id", String(64), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=True),
+    Column("delivered_at", BigInteger, nullable=True),
+    Index("ix_events_pending", "delivered_at", "next_attempt_at"),
+)

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -29,6 +29,7 @@ from batchd.models import (
     SHARD_PENDING,
     TERMINAL,
     VALIDATING,
+    BatchEvent,
     BatchRecord,
     BatchSignal,
     FileRecord,
@@ -38,9 +39,12 @@ from batchd.models import (
     ShardSpan,
     Usage,
     ValidationIssue,
+    new_id,
 )
+from batchd.store import slots
 from batchd.store.codec import decode_issues, decode_metadata, decode_summary, encode
-from batchd.store.schema import batches, files, parts, shards
+from batchd.store.schema import batches, events, files, parts, shards
+from batchd.store.slots import SlotDemand, SlotGrant
 
 UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
 
@@ -112,6 +116,24 @@ def _file_values(rec: FileRecord) -> dict[str, Any]:
         "blob_key": rec.blob_key,
         "summary": encode(rec.summary),
     }
+
+
+async def _record_event(conn: AsyncConnection, batch_id: str, status: str, at: int) -> None:
+    """Add ``batch.<status>`` to the outbox, in the transaction that ended the batch."""
+    project = (
+        await conn.execute(select(batches.c.project).where(batches.c.id == batch_id))
+    ).scalar_one()
+    await conn.execute(
+        insert(events).values(
+            id=new_id("evt_"),
+            project=project,
+            batch_id=batch_id,
+            type=f"batch.{status}",
+            created_at=at,
+            attempts=0,
+            next_attempt_at=0.0,
+        )
+    )
 
 
 class Store:
@@ -236,6 +258,64 @@ class Store:
         async with self._read() as conn:
             rows = (await conn.execute(q)).mappings().all()
         return [_file(r, with_summary=False) for r in rows]
+
+    async def expire_files(self, now: int, limit: int = 100) -> int:
+        """Mark files past their ``expires_at`` as deleted (their bytes are collected once no
+        unfinished batch reads them). Returns how many expired."""
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(files)
+                .where(
+                    files.c.deleted_at.is_(None),
+                    files.c.expires_at.is_not(None),
+                    files.c.expires_at <= now,
+                )
+                .values(deleted_at=now)
+            )
+            return int(res.rowcount or 0)
+
+    # -- events (webhook outbox) ---------------------------------------------------------------
+    async def claim_events(
+        self, now: float, lease_seconds: float, limit: int = 50
+    ) -> list[BatchEvent]:
+        """Events due for delivery, leased by pushing their next attempt past the lease."""
+        async with self._write() as conn:
+            q = (
+                select(events)
+                .where(events.c.delivered_at.is_(None), events.c.next_attempt_at <= now)
+                .order_by(events.c.id)
+                .limit(limit)
+                .with_for_update(**self._skip_locked())
+            )
+            rows = (await conn.execute(q)).mappings().all()
+            if not rows:
+                return []
+            await conn.execute(
+                update(events)
+                .where(events.c.id.in_([r["id"] for r in rows]))
+                .values(next_attempt_at=now + lease_seconds)
+            )
+        return [
+            BatchEvent(
+                r["id"], r["project"], r["batch_id"], r["type"], r["created_at"], r["attempts"]
+            )
+            for r in rows
+        ]
+
+    async def event_done(self, event_id: str, at: int) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                update(events).where(events.c.id == event_id).values(delivered_at=at)
+            )
+
+    async def event_retry(self, event_id: str, attempts: int, next_at: float | None) -> None:
+        """Record a failed delivery; ``next_at`` None gives up on the event."""
+        async with self._write() as conn:
+            await conn.execute(
+                update(events)
+                .where(events.c.id == event_id)
+                .values(attempts=attempts, next_attempt_at=next_at)
+            )
 
     async def finish_validation(
         self, file_id: str, *, status: str, details: str | None, summary: FileSummary
@@ -405,6 +485,8 @@ class Store:
                 .where(batches.c.id == batch_id, batches.c.status == VALIDATING)
                 .values(status=FAILED, failed_at=at, errors=encode(issues), model=model)
             )
+            if res.rowcount:
+                await _record_event(conn, batch_id, FAILED, at)
             return bool(res.rowcount)
 
     async def request_cancel(self, batch_id: str, project: str, at: int) -> BatchRecord | None:
@@ -437,7 +519,12 @@ class Store:
         self, owner: str, n: int, now: float, lease_seconds: float
     ) -> list[ShardClaim]:
         """Lease up to ``n`` runnable shards: pending, unleased or with a lapsed lease, of a
-        batch that is in progress and not past its deadline."""
+        batch that is in progress and not past its deadline.
+
+        One statement for any ``n``: ``UPDATE shards ... WHERE (batch_id, idx) IN (SELECT ...
+        FOR UPDATE SKIP LOCKED LIMIT n) RETURNING``, the batch's columns read by correlated
+        subqueries in ``RETURNING`` (SQLite allows no joined table there). Each claim bumps
+        the shard's token, which fences the writes of whoever held it before."""
         runnable = and_(
             shards.c.status == SHARD_PENDING,
             or_(shards.c.lease_until.is_(None), shards.c.lease_until < now),
@@ -447,80 +534,78 @@ class Store:
                 )
             ),
         )
-        async with self._write() as conn:
-            q = (
-                select(shards.c.batch_id, shards.c.idx)
-                .where(runnable)
-                .order_by(shards.c.batch_id, shards.c.idx)
-                .limit(n)
-                .with_for_update(**self._skip_locked())
+        pick = (
+            select(shards.c.batch_id, shards.c.idx)
+            .where(runnable)
+            .order_by(shards.c.batch_id, shards.c.idx)
+            .limit(n)
+            .with_for_update(of=shards, **self._skip_locked())
+        )
+
+        def of_batch(col: Any) -> Any:
+            return select(col).where(batches.c.id == shards.c.batch_id).scalar_subquery()
+
+        stmt = (
+            update(shards)
+            .where(tuple_(shards.c.batch_id, shards.c.idx).in_(pick))
+            .values(lease_owner=owner, lease_until=now + lease_seconds, token=shards.c.token + 1)
+            .returning(
+                shards.c.batch_id,
+                shards.c.idx,
+                shards.c.start_offset,
+                shards.c.end_offset,
+                shards.c.first_line,
+                shards.c.line_count,
+                shards.c.token,
+                shards.c.done,
+                shards.c.part_seq,
+                of_batch(batches.c.endpoint).label("endpoint"),
+                of_batch(batches.c.input_blob_key).label("input_blob_key"),
+                of_batch(batches.c.expires_at).label("expires_at"),
             )
-            keys = [(r.batch_id, r.idx) for r in (await conn.execute(q))]
-            claims: list[ShardClaim] = []
-            for batch_id, idx in keys:
-                row = (
-                    (
-                        await conn.execute(
-                            update(shards)
-                            .where(shards.c.batch_id == batch_id, shards.c.idx == idx)
-                            .values(
-                                lease_owner=owner,
-                                lease_until=now + lease_seconds,
-                                token=shards.c.token + 1,
-                            )
-                            .returning(shards)
-                        )
-                    )
-                    .mappings()
-                    .one()
-                )
-                b = (
-                    await conn.execute(
-                        select(
-                            batches.c.endpoint, batches.c.input_blob_key, batches.c.expires_at
-                        ).where(batches.c.id == batch_id)
-                    )
-                ).one()
-                claims.append(
-                    ShardClaim(
-                        batch_id=batch_id,
-                        idx=idx,
-                        span=ShardSpan(
-                            row["start_offset"],
-                            row["end_offset"],
-                            row["first_line"],
-                            row["line_count"],
-                        ),
-                        token=row["token"],
-                        done=bytes(row["done"]),
-                        part_seq=row["part_seq"],
-                        endpoint=b.endpoint,
-                        input_blob_key=b.input_blob_key,
-                        expires_at=b.expires_at,
-                    )
-                )
-            return claims
+        )
+        async with self._write() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+        claims = [
+            ShardClaim(
+                batch_id=r["batch_id"],
+                idx=r["idx"],
+                span=ShardSpan(
+                    r["start_offset"], r["end_offset"], r["first_line"], r["line_count"]
+                ),
+                token=r["token"],
+                done=bytes(r["done"]),
+                part_seq=r["part_seq"],
+                endpoint=r["endpoint"],
+                input_blob_key=r["input_blob_key"],
+                expires_at=r["expires_at"],
+            )
+            for r in rows
+        ]
+        claims.sort(key=lambda c: (c.batch_id, c.idx))
+        return claims
 
     async def renew_leases(
         self, owner: str, held: Iterable[tuple[str, int, int]], until: float
     ) -> list[tuple[str, int]]:
-        """Extend the leases of ``(batch_id, idx, token)``; return those that were lost."""
-        lost: list[tuple[str, int]] = []
+        """Extend the leases of ``(batch_id, idx, token)``; return those that were lost.
+        One statement however many shards are held."""
+        keys = list(held)
+        if not keys:
+            return []
+        stmt = (
+            update(shards)
+            .where(
+                tuple_(shards.c.batch_id, shards.c.idx, shards.c.token).in_(keys),
+                shards.c.lease_owner == owner,
+                shards.c.status == SHARD_PENDING,
+            )
+            .values(lease_until=until)
+            .returning(shards.c.batch_id, shards.c.idx)
+        )
         async with self._write() as conn:
-            for batch_id, idx, token in held:
-                res = await conn.execute(
-                    update(shards)
-                    .where(
-                        shards.c.batch_id == batch_id,
-                        shards.c.idx == idx,
-                        shards.c.token == token,
-                        shards.c.lease_owner == owner,
-                    )
-                    .values(lease_until=until)
-                )
-                if not res.rowcount:
-                    lost.append((batch_id, idx))
-        return lost
+            kept = {(r.batch_id, r.idx) for r in await conn.execute(stmt)}
+        return [(b, i) for b, i, _ in keys if (b, i) not in kept]
 
     async def checkpoint(
         self,
@@ -738,4 +823,17 @@ class Store:
                 if rec is not None:
                     await conn.execute(insert(files).values(**_file_values(rec)))
             await conn.execute(delete(parts).where(parts.c.batch_id == batch_id))
+            await _record_event(conn, batch_id, status, at)
             return True
+
+    # -- cluster-wide deployment limits (see store/slots.py) --------------------------------
+    async def lease_slots(
+        self, owner: str, demands: dict[str, SlotDemand], now: float, until: float
+    ) -> dict[str, SlotGrant]:
+        """Renew this process's shares of the deployments' slots; one transaction."""
+        async with self._write() as conn:
+            return await slots.lease(conn, owner, demands, now, until)
+
+    async def release_slots(self, owner: str) -> None:
+        async with self._write() as conn:
+            await slots.release(conn, owner)

@@ -1,0 +1,241 @@
+"""OpenAI request bodies -> what the embedded models run, validated.
+
+Every refusal is a :class:`BadRequest` carrying the ``param`` it is about; the backend turns it
+into a 400 with OpenAI's error envelope. Parameters that change nothing for this model
+(``user``, ``logprobs`` ...) are accepted and ignored, as OpenAI-compatible servers commonly do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchd.localmodel.chat_template import content_text, render_chat
+from batchd.localmodel.sampling import SamplingParams
+
+MAX_N = 16
+MAX_STOP = 4
+MAX_EMBEDDING_INPUTS = 2048
+EMBEDDING_DIMENSIONS = 384
+
+Prompt = str | list[int] | list[dict[str, Any]]
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    kind: str  # "chat" | "completion" | "response"
+    prompts: list[Prompt]  # one per prompt; chat and responses have one list of messages
+    max_tokens: int | None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    echo: bool = False
+    instructions: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def sampling_for(self, index: int) -> SamplingParams:
+        """The sampling of choice ``index`` (seeded choices get distinct seeds)."""
+        seed = None if self.seed is None else self.seed + index
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=seed)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    inputs: list[str | list[int]]
+    encoding_format: str
+
+
+def _number(body: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise BadRequest(f"{name} must be a number between {low} and {high}", param=name)
+    return float(value)
+
+
+def _integer(body: Mapping[str, Any], name: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    too_high = high is not None and isinstance(value, int) and value > high
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or too_high:
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise BadRequest(f"{name} must be an integer {bound}", param=name)
+    return value
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if (
+        not isinstance(stop, list)
+        or len(stop) > MAX_STOP
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise BadRequest(
+            f"stop must be a string or a list of up to {MAX_STOP} non-empty strings", param="stop"
+        )
+    return tuple(stop)
+
+
+def _no_stream(body: Mapping[str, Any]) -> None:
+    if body.get("stream"):
+        raise BadRequest("stream is not supported in a batch", param="stream")
+
+
+def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest("seed must be an integer", param="seed")
+    return {
+        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
+        "seed": seed,
+    }
+
+
+def parse_chat(body: Mapping[str, Any]) -> GenerationRequest:
+    _no_stream(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages is required: a non-empty array of messages", param="messages")
+    render_chat(messages, None)  # MessageError (400) now rather than on the model thread
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1)
+    return GenerationRequest(
+        kind="chat",
+        prompts=[messages],
+        max_tokens=max_tokens,
+        n=_integer(body, "n", 1, MAX_N) or 1,
+        stop=_stop(body),
+        **_sampling(body),
+    )
+
+
+def _completion_prompts(prompt: Any) -> list[Prompt]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+            return [list(p) for p in prompt]
+    raise BadRequest(
+        "prompt is required: a string, a list of strings, or token ids", param="prompt"
+    )
+
+
+def parse_completions(body: Mapping[str, Any]) -> GenerationRequest:
+    _no_stream(body)
+    if body.get("suffix"):
+        raise BadRequest("suffix is not supported by this model", param="suffix")
+    prompts = _completion_prompts(body.get("prompt"))
+    max_tokens = _integer(body, "max_tokens", 0)
+    return GenerationRequest(
+        kind="completion",
+        prompts=prompts,
+        max_tokens=16 if max_tokens is None else max(max_tokens, 1),  # OpenAI's default: 16
+        n=_integer(body, "n", 1, MAX_N) or 1,
+        stop=_stop(body),
+        echo=bool(body.get("echo")),
+        **_sampling(body),
+    )
+
+
+def _response_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise BadRequest("input is required: a string or a list of messages", param="input")
+    messages: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise BadRequest("instructions must be a string", param="instructions")
+        messages.append({"role": "system", "content": instructions})
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or item.get("type", "message") != "message":
+            raise BadRequest("only message items are supported by this model", param=f"input[{i}]")
+        text = content_text(item.get("content"), f"input[{i}].content")
+        messages.append({"role": item.get("role"), "content": text})
+    render_chat(messages, None, param="input")
+    return messages
+
+
+def parse_responses(body: Mapping[str, Any]) -> GenerationRequest:
+    _no_stream(body)
+    if body.get("tools"):
+        raise BadRequest("tools are not supported by this model", param="tools")
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise BadRequest("metadata must be an object", param="metadata")
+    instructions = body.get("instructions")
+    return GenerationRequest(
+        kind="response",
+        prompts=[_response_messages(body)],
+        max_tokens=_integer(body, "max_output_tokens", 1),
+        instructions=instructions if isinstance(instructions, str) else None,
+        metadata=metadata,
+        **_sampling(body),
+    )
+
+
+def _embedding_inputs(value: Any) -> list[str | list[int]]:
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, list) and value and all(isinstance(t, int) for t in value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise BadRequest("input is required: a string or a non-empty array", param="input")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise BadRequest(f"input may hold at most {MAX_EMBEDDING_INPUTS} items", param="input")
+    inputs: list[str | list[int]] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str) and item:
+            inputs.append(item)
+        elif (
+            isinstance(item, list)
+            and item
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item)
+        ):
+            inputs.append([int(t) for t in item])
+        else:
+            raise BadRequest(
+                "each input must be a non-empty string or a non-empty array of token ids",
+                param=f"input[{i}]",
+            )
+    return inputs
+
+
+def parse_embeddings(body: Mapping[str, Any], vocab_size: int = 30522) -> EmbeddingRequest:
+    inputs = _embedding_inputs(body.get("input"))
+    for i, item in enumerate(inputs):
+        if isinstance(item, list) and max(item) >= vocab_size:
+            raise BadRequest(f"token ids must be below {vocab_size}", param=f"input[{i}]")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise BadRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and dimensions != EMBEDDING_DIMENSIONS:
+        raise BadRequest(
+            f"this model's embeddings have {EMBEDDING_DIMENSIONS} dimensions", param="dimensions"
+        )
+    return EmbeddingRequest(inputs=inputs, encoding_format=encoding)

@@ -1,0 +1,60 @@
+"""Real backing services for the integration tier: a PostgreSQL database per test run, an
+S3-compatible server (moto) per module."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import pg_admin, pg_url, require_postgres, start_moto
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated database for this test run; each test gets a fresh copy of it."""
+    require_postgres()
+    import asyncio
+
+    from batchd.store.connect import migrate
+
+    name = f"batchd_test_{uuid.uuid4().hex[:10]}"
+    pg_admin(f'CREATE DATABASE "{name}"')
+    try:
+        asyncio.run(migrate(pg_url(name)))
+        yield name
+    finally:
+        pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_database(pg_template: str) -> Iterator[str]:
+    """A fresh, migrated database (copied from the template) for one test; its URL."""
+    name = f"{pg_template}_{uuid.uuid4().hex[:6]}"
+    pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    try:
+        yield pg_url(name)
+    finally:
+        pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_pg_database() -> Iterator[str]:
+    require_postgres()
+    name = f"batchd_test_{uuid.uuid4().hex[:10]}"
+    pg_admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield pg_url(name)
+    finally:
+        pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server on a free port; its endpoint URL."""
+    tmp: Path = tmp_path_factory.mktemp("moto")
+    url, proc = start_moto(tmp)
+    yield url
+    proc.stop()

