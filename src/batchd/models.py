@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # File statuses (the wire values).
-FILE_UPLOADED = "uploaded"
 FILE_PROCESSED = "processed"
 FILE_ERROR = "error"
 

@@ -17,7 +17,6 @@ from batchd.errors import LeaseLost
 from batchd.models import (
     CANCELLING,
     FILE_PROCESSED,
-    FILE_UPLOADED,
     IN_PROGRESS,
     VALIDATING,
     BatchRecord,
@@ -130,21 +129,22 @@ async def test_files_crud_and_pagination(store: Store) -> None:
     assert await store.deleted_files_unreferenced() == []
 
 
-async def test_validation_leases(store: Store) -> None:
-    rec = file_rec(status=FILE_UPLOADED)
-    await store.insert_file(rec, validate_owner="a", validate_until=T0 + 10)
-    assert await store.claim_stale_validations("b", T0, 10) == []
-    claimed = await store.claim_stale_validations("b", T0 + 11, 10)
-    assert [f.id for f in claimed] == [rec.id]
-    assert await store.claim_stale_validations("c", T0 + 12, 10) == []
-    await store.renew_validation(rec.id, "b", T0 + 100)
-    assert await store.claim_stale_validations("c", T0 + 50, 10) == []
-    summary = FileSummary(lines=3)
-    finish = {"status": FILE_PROCESSED, "details": None, "summary": summary}
-    assert await store.finish_validation(rec.id, **finish)  # type: ignore[arg-type]
-    assert not await store.finish_validation(rec.id, **finish)  # type: ignore[arg-type]
+async def test_file_summary_roundtrip(store: Store) -> None:
+    summary = FileSummary(
+        lines=3,
+        issues=[ValidationIssue("duplicate_custom_id", "Line 3: dup", 3, "custom_id")],
+        urls={"/v1/chat/completions": [3, 1, 2, 3]},
+        models={"m": [3, 1, 2, 3]},
+        shards=[ShardSpan(0, 10, 1, 2), ShardSpan(10, 15, 3, 1)],
+        token_estimate=42,
+    )
+    rec = file_rec(status=FILE_PROCESSED)
+    rec.summary = summary
+    await store.insert_file(rec)
     got = await store.get_file(rec.id)
     assert got is not None and got.status == FILE_PROCESSED and got.summary == summary
+    listed = await store.list_files(rec.project, purpose=None, limit=10, after=None, order="asc")
+    assert [f.id for f in listed] == [rec.id] and listed[0].summary is None  # lists skip it
 
 
 # -- batches -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -31,24 +31,6 @@ log = logging.getLogger(__name__)
 PREFIXES = ("/v1", "/openai", "/openai/v1")
 
 
-class Background:
-    """Tasks the API starts and does not wait for (validating an upload). They are kept
-    referenced until done and cancelled at shutdown."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
 def create_app(
     settings: Settings,
     store: Store,
@@ -57,14 +39,12 @@ def create_app(
     owner: str,
     hooks: Sequence[contextlib.AbstractAsyncContextManager[Any]] = (),
 ) -> FastAPI:
-    background = Background()
     activator = Activator(settings, store)
     services = Services(
-        files=FileService(settings, store, blobs, activator, owner),
+        files=FileService(settings, store, blobs),
         batches=BatchService(settings, store, activator),
         auth=Authenticator(settings.auth),
         max_upload_bytes=settings.limits.max_file_bytes,
-        background=background,
     )
     ready = asyncio.Event()
 
@@ -81,7 +61,6 @@ def create_app(
                 yield
             finally:
                 ready.clear()
-                await background.close()
 
     app = FastAPI(
         title="batchd",

@@ -18,7 +18,6 @@ from starlette.responses import Response, StreamingResponse
 from batchd.api.auth import Authenticator
 from batchd.api.upload import read_form
 from batchd.errors import InvalidRequest, TooLarge
-from batchd.models import FILE_UPLOADED
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
 
@@ -33,7 +32,6 @@ class Services:
     batches: BatchService
     auth: Authenticator
     max_upload_bytes: int
-    background: Any  # batchd.api.app.Background
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -181,8 +179,6 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
             if upload is not None:
                 await upload.writer.abort()
             raise
-        if rec.status == FILE_UPLOADED:
-            svc.background.spawn(svc.files.validate_safely(rec))
         return json_response(rec.to_wire())
 
     @router.get("/files", summary="List files")

@@ -18,7 +18,9 @@ An HTTP answer is never an exception: a 429 or a 500 is an :class:`UpstreamRespo
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 from batchd.errors import BatchdError
 
@@ -49,6 +51,28 @@ class UpstreamResponse:
     body: bytes
     request_id: str = ""
     retry_after: float | None = None  # seconds, from a ``retry-after`` header
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``retry-after`` as seconds or an HTTP date; ``retry-after-ms`` handled by the caller."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def retry_after_seconds(retry_after_ms: str | None, retry_after: str | None) -> float | None:
+    """The wait an answer asks for: ``retry-after-ms`` (Azure) if valid, else ``retry-after``."""
+    if retry_after_ms and retry_after_ms.replace(".", "", 1).isdigit():
+        return float(retry_after_ms) / 1000
+    return parse_retry_after(retry_after)
 
 
 class UpstreamError(BatchdError):

@@ -7,9 +7,7 @@ explicit connect and read timeouts. The answer's body is returned as the bytes r
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from email.utils import parsedate_to_datetime
 
 import aiohttp
 from yarl import URL
@@ -19,24 +17,10 @@ from batchd.backends.base import (
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
+    retry_after_seconds,
 )
 
 CONNECT_TIMEOUT = 10.0
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """``retry-after`` as seconds or an HTTP date; ``retry-after-ms`` handled by the caller."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 class OpenAIHTTPBackend(Backend):
@@ -96,11 +80,8 @@ class OpenAIHTTPBackend(Backend):
         try:
             async with session.post(self._url(endpoint), data=body, timeout=t) as resp:
                 data = await resp.read()
-                retry_ms = resp.headers.get("retry-after-ms")
-                retry_after = (
-                    float(retry_ms) / 1000
-                    if retry_ms and retry_ms.replace(".", "", 1).isdigit()
-                    else parse_retry_after(resp.headers.get("retry-after"))
+                retry_after = retry_after_seconds(
+                    resp.headers.get("retry-after-ms"), resp.headers.get("retry-after")
                 )
                 request_id = (
                     resp.headers.get("x-request-id")

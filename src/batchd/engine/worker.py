@@ -68,7 +68,7 @@ class Engine:
         self._finalizer = Finalizer(store, blobs, self._spool, owner)
         activator = Activator(settings, store)
         self._activator = activator
-        self._files = FileService(settings, store, blobs, activator, owner)
+        self._files = FileService(settings, store, blobs)
         self._webhooks = WebhookSender(settings.webhooks, store) if settings.webhooks else None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -218,11 +218,6 @@ class Engine:
     async def sweep(self) -> None:
         """Finish what crashed processes left (validations, batch starts) and collect deleted
         and expired files."""
-        for rec in await self._store.claim_stale_validations(
-            self.owner, time.time(), lease_seconds=60.0
-        ):
-            log.info("validating file %s left by another process", rec.id)
-            await self._files.validate(rec)
         for batch in await self._store.validating_batches():
             await self._activator.activate(batch)
         if self._webhooks is not None:

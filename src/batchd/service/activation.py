@@ -1,9 +1,8 @@
 """Starting a batch: the checks that need both the batch and its validated file.
 
-A batch waits in ``validating`` until its input file's validation has ended, then moves to
-``in_progress`` (with its shards) or ``failed`` (with every problem and its line). Called
-when a batch is created on a checked file, when a file's check ends, and by the engine's
-sweep for anything a crash left behind; it is idempotent.
+A batch is created in ``validating``, then moves to ``in_progress`` (with its shards) or
+``failed`` (with every problem and its line). Called when a batch is created, and by the
+engine's sweep for a batch that a crash left in ``validating``; it is idempotent.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from batchd.config import Settings
-from batchd.models import FILE_UPLOADED, BatchRecord, ValidationIssue, now
+from batchd.models import BatchRecord, ValidationIssue, now
 from batchd.service.validation import MAX_ISSUES, mismatched_lines
 from batchd.store.sql import Store
 
@@ -34,8 +33,8 @@ class Activator:
             )
             await self._store.fail_batch(batch.id, [issue], now())
             return
-        if file.status == FILE_UPLOADED or file.summary is None:
-            return  # still being checked: the check's end will call us again
+        if file.summary is None:
+            return  # not a checked batch input: refused when the batch was created
         summary = file.summary
         issues = list(summary.issues)
         if summary.jsonl_ok:

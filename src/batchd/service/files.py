@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio.to_thread
 
@@ -15,7 +14,6 @@ from batchd.errors import BlobNotFound, InvalidRequest, NotFound, TooLarge
 from batchd.models import (
     FILE_ERROR,
     FILE_PROCESSED,
-    FILE_UPLOADED,
     PURPOSE_BATCH,
     FileRecord,
     FileSummary,
@@ -23,7 +21,6 @@ from batchd.models import (
     new_id,
     now,
 )
-from batchd.service.activation import Activator
 from batchd.service.validation import Validator
 from batchd.store.sql import Store
 
@@ -31,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PURPOSES = ("batch", "fine-tune", "assistants", "vision", "user_data", "evals")
 DEFAULT_INPUT_EXPIRY = 30 * 86400
-VALIDATION_LEASE = 60.0
+VALIDATE_CHUNK = 1024 * 1024
 
 
 def input_key(file_id: str) -> str:
@@ -53,12 +50,17 @@ def file_error(summary: FileSummary) -> ValidationIssue | None:
 
 @dataclass(slots=True)
 class Upload:
-    """An upload in progress: the bytes go to the blob store as they arrive."""
+    """An upload in progress: the bytes go to the blob store as they arrive and through the
+    validator on a worker thread, a megabyte at a time, so a file is checked by the time its
+    last byte is stored (one streamed pass, no second read)."""
 
     file_id: str
     filename: str
     writer: BlobWriter
     max_bytes: int
+    validator: Validator
+    _pending: list[bytes] = field(default_factory=list)
+    _pending_bytes: int = 0
 
     async def write(self, chunk: bytes) -> None:
         if self.writer.written + len(chunk) > self.max_bytes:
@@ -68,27 +70,40 @@ class Upload:
                 param="file",
             )
         await self.writer.write(chunk)
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        if self._pending_bytes >= VALIDATE_CHUNK:
+            await self._validate_pending()
+
+    async def _validate_pending(self) -> None:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        await anyio.to_thread.run_sync(self.validator.feed, data)
+
+    async def summary(self) -> FileSummary:
+        await self._validate_pending()
+        return await anyio.to_thread.run_sync(self.validator.finish)
 
 
 class FileService:
-    def __init__(
-        self, settings: Settings, store: Store, blobs: Blobs, activator: Activator, owner: str
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, blobs: Blobs) -> None:
         self._settings = settings
         self._store = store
         self._blobs = blobs
-        self._activator = activator
-        self._owner = owner
 
     # -- upload ---------------------------------------------------------------------
     def begin_upload(self, filename: str | None) -> Upload:
         name = clean_filename(filename)
         file_id = new_id("file-")
+        limits = self._settings.limits
+        validator = Validator(
+            max_lines=limits.max_requests_per_file,
+            max_line_bytes=limits.max_line_bytes,
+            shard_lines=self._settings.engine.shard_lines,
+        )
         return Upload(
-            file_id,
-            name,
-            self._blobs.writer(input_key(file_id)),
-            self._settings.limits.max_file_bytes,
+            file_id, name, self._blobs.writer(input_key(file_id)), limits.max_file_bytes, validator
         )
 
     async def finish_upload(
@@ -126,11 +141,12 @@ class FileService:
                 code="quota_exceeded",
                 param="file",
             )
+        summary = await upload.summary() if purpose == PURPOSE_BATCH else None
         size = await upload.writer.commit()
         created = now()
         if expires_after is None and purpose == PURPOSE_BATCH:
             expires_after = DEFAULT_INPUT_EXPIRY
-        is_batch = purpose == PURPOSE_BATCH
+        fatal = file_error(summary) if summary is not None else None
         rec = FileRecord(
             id=upload.file_id,
             project=project,
@@ -138,53 +154,16 @@ class FileService:
             purpose=purpose,
             bytes=size,
             created_at=created,
-            status=FILE_UPLOADED if is_batch else FILE_PROCESSED,
+            status=FILE_ERROR if fatal else FILE_PROCESSED,
             blob_key=input_key(upload.file_id),
             expires_at=created + expires_after if expires_after else None,
+            status_details=fatal.message if fatal else None,
+            summary=summary,
         )
-        await self._store.insert_file(
-            rec,
-            validate_owner=self._owner if is_batch else None,
-            validate_until=time.time() + VALIDATION_LEASE if is_batch else None,
-        )
+        await self._store.insert_file(rec)
+        if summary is not None:
+            log.info("file %s: %s, %d lines", rec.id, rec.status, summary.lines)
         return rec
-
-    # -- validation -----------------------------------------------------------------------
-    async def validate(self, rec: FileRecord) -> FileSummary:
-        """Stream the stored file once through the validator, record the result and start
-        the batches that were waiting for it."""
-        limits = self._settings.limits
-        validator = Validator(
-            max_lines=limits.max_requests_per_file,
-            max_line_bytes=limits.max_line_bytes,
-            shard_lines=self._settings.engine.shard_lines,
-        )
-        renew_at = time.monotonic() + VALIDATION_LEASE / 3
-        async for chunk in self._blobs.read(rec.blob_key):
-            await anyio.to_thread.run_sync(validator.feed, chunk)
-            if time.monotonic() > renew_at:
-                renew_at = time.monotonic() + VALIDATION_LEASE / 3
-                await self._store.renew_validation(
-                    rec.id, self._owner, time.time() + VALIDATION_LEASE
-                )
-        summary = await anyio.to_thread.run_sync(validator.finish)
-        status, details = FILE_PROCESSED, None
-        fatal = file_error(summary)
-        if fatal is not None:
-            status, details = FILE_ERROR, fatal.message
-        await self._store.finish_validation(rec.id, status=status, details=details, summary=summary)
-        log.info("file %s validated: %s, %d lines", rec.id, status, summary.lines)
-        for batch in await self._store.validating_batches(rec.id):
-            await self._activator.activate(batch)
-        return summary
-
-    async def validate_safely(self, rec: FileRecord) -> None:
-        """Validation as a background task: a failure is logged, and another process takes
-        the file over when this one's lease lapses."""
-        try:
-            await self.validate(rec)
-        except Exception:
-            log.exception("validating file %s failed; it will be retried", rec.id)
 
     # -- reads ----------------------------------------------------------------------------
     async def get(self, project: str, file_id: str) -> FileRecord:

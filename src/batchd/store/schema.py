@@ -34,10 +34,8 @@ files = Table(
     Column("status", String(16), nullable=False),
     Column("status_details", Text, nullable=True),
     Column("blob_key", Text, nullable=False),
-    # Validation of batch inputs: what it found, and who is doing it (a lease).
+    # What validating a batch input found (done while it was uploaded).
     Column("summary", LargeBinary, nullable=True),
-    Column("validate_owner", String(64), nullable=True),
-    Column("validate_until", Float, nullable=True),
     # Deleted by its owner; the blob is kept until no unfinished batch reads it.
     Column("deleted_at", BigInteger, nullable=True),
     Index("ix_files_project_id", "project", "id"),

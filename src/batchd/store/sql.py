@@ -22,7 +22,6 @@ from batchd.errors import LeaseLost, StoreError
 from batchd.models import (
     CANCELLING,
     FAILED,
-    FILE_UPLOADED,
     FINALIZING,
     IN_PROGRESS,
     SHARD_DONE,
@@ -33,7 +32,6 @@ from batchd.models import (
     BatchRecord,
     BatchSignal,
     FileRecord,
-    FileSummary,
     Part,
     ShardClaim,
     ShardSpan,
@@ -174,17 +172,9 @@ class Store:
             await conn.execute(select(1))
 
     # -- files -------------------------------------------------------------------
-    async def insert_file(
-        self,
-        rec: FileRecord,
-        *,
-        validate_owner: str | None = None,
-        validate_until: float | None = None,
-    ) -> None:
-        values = _file_values(rec)
-        values.update(validate_owner=validate_owner, validate_until=validate_until)
+    async def insert_file(self, rec: FileRecord) -> None:
         async with self._write() as conn:
-            await conn.execute(insert(files).values(**values))
+            await conn.execute(insert(files).values(**_file_values(rec)))
 
     async def get_file(self, file_id: str, project: str | None = None) -> FileRecord | None:
         q = select(files).where(files.c.id == file_id, files.c.deleted_at.is_(None))
@@ -317,58 +307,6 @@ class Store:
                 .values(attempts=attempts, next_attempt_at=next_at)
             )
 
-    async def finish_validation(
-        self, file_id: str, *, status: str, details: str | None, summary: FileSummary
-    ) -> bool:
-        async with self._write() as conn:
-            res = await conn.execute(
-                update(files)
-                .where(files.c.id == file_id, files.c.status == FILE_UPLOADED)
-                .values(
-                    status=status,
-                    status_details=details,
-                    summary=encode(summary),
-                    validate_owner=None,
-                    validate_until=None,
-                )
-            )
-            return bool(res.rowcount)
-
-    async def claim_stale_validations(
-        self, owner: str, now: float, lease_seconds: float, limit: int = 4
-    ) -> list[FileRecord]:
-        """Files whose validation was started by a process that died."""
-        async with self._write() as conn:
-            q = (
-                select(files.c.id)
-                .where(
-                    files.c.status == FILE_UPLOADED,
-                    files.c.deleted_at.is_(None),
-                    or_(files.c.validate_until.is_(None), files.c.validate_until < now),
-                )
-                .limit(limit)
-                .with_for_update(**self._skip_locked())
-            )
-            ids = list((await conn.execute(q)).scalars())
-            if not ids:
-                return []
-            await conn.execute(
-                update(files)
-                .where(files.c.id.in_(ids))
-                .values(validate_owner=owner, validate_until=now + lease_seconds)
-            )
-            rows = (await conn.execute(select(files).where(files.c.id.in_(ids)))).mappings().all()
-            return [_file(r) for r in rows]
-
-    async def renew_validation(self, file_id: str, owner: str, until: float) -> None:
-        async with self._write() as conn:
-            await conn.execute(
-                update(files)
-                .where(files.c.id == file_id, files.c.validate_owner == owner)
-                .values(validate_until=until)
-            )
-
-    # -- batches -----------------------------------------------------------------
     async def insert_batch(self, rec: BatchRecord) -> None:
         async with self._write() as conn:
             await conn.execute(
