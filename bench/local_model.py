@@ -102,10 +102,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-async def main(quick: bool) -> str:
+async def main(quick: bool, blas_threads: int | None) -> str:
     n, max_tokens, sequential_n, n_texts = (4, 8, 1, 16) if quick else (32, 32, 8, 256)
-    chat = LocalBackend("smollm2-135m-instruct", max_batch=max(n, 1))
-    embed = LocalBackend("all-minilm-l6-v2")
+    chat = LocalBackend("smollm2-135m-instruct", max_batch=max(n, 1), blas_threads=blas_threads)
+    embed = LocalBackend("all-minilm-l6-v2", blas_threads=blas_threads)
     try:
         start = time.perf_counter()
         await _chat(chat, 0, 1)
@@ -125,13 +125,17 @@ async def main(quick: bool) -> str:
     ratio = batched.tokens_per_s / one_by_one.tokens_per_s
     today = datetime.date.today().isoformat()
     cpus = os.cpu_count()
+    flags = (" --quick" if quick else "") + (
+        "" if blas_threads == 1 else f" --blas-threads {blas_threads or 0}"
+    )
+    threads = "numpy's default (one a core)" if blas_threads is None else f"{blas_threads}"
     return "\n".join(
         [
             f"### Embedded model ({'quick' if quick else 'full'} run, {today})",
             "",
-            f"`python bench/local_model.py{' --quick' if quick else ''}` on {cpus} CPU cores "
-            f"({platform.machine()}, Python {platform.python_version()}); load average "
-            f"{load_before:.1f} before / {load_after:.1f} after.",
+            f"`python bench/local_model.py{flags}` on {cpus} CPU cores "
+            f"({platform.machine()}, Python {platform.python_version()}), BLAS threads: "
+            f"{threads}; load average {load_before:.1f} before / {load_after:.1f} after.",
             "",
             "| measure | value |",
             "|---|---|",
@@ -155,5 +159,8 @@ async def main(quick: bool) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument(
+        "--blas-threads", type=int, default=1, help="numpy BLAS threads (0: numpy's default)"
+    )
     args = parser.parse_args()
-    sys.stdout.write(asyncio.run(main(args.quick)))
+    sys.stdout.write(asyncio.run(main(args.quick, args.blas_threads or None)))

@@ -26,9 +26,13 @@ def _owner(role: str) -> str:
     return f"{socket.gethostname()}-{role}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def _config_path(args: argparse.Namespace) -> str | None:
+    path: str | None = args.config or os.environ.get("BATCHD_CONFIG")
+    return path
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    path = args.config or os.environ.get("BATCHD_CONFIG")
-    settings = load_settings(path)
+    settings = load_settings(_config_path(args))
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -59,7 +63,7 @@ def _describe(settings: Settings) -> None:
         log.info("deployment %s -> %s (max_concurrency %d)", d.model, where, d.max_concurrency)
 
 
-async def _serve(settings: Settings, host: str, port: int) -> None:
+async def _serve(settings: Settings, host: str, port: int, config: str | None) -> None:
     import uvicorn
 
     from batchd.api.app import create_app
@@ -68,12 +72,12 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
     store, blobs = await _open(settings)
     hooks = []
     if settings.engine.embedded:
-        hooks.append(_engine_process(settings))
+        hooks.append(_engine_process(config))
     else:
         log.info("[engine] embedded = false: this server runs no batches; start `batchd worker`")
     _describe(settings)
     app = create_app(settings, store, blobs, owner=owner, hooks=hooks)
-    config = uvicorn.Config(
+    server_config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -84,7 +88,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
         timeout_graceful_shutdown=10,
     )
     try:
-        await uvicorn.Server(config).serve()
+        await uvicorn.Server(server_config).serve()
     finally:
         await blobs.close()
         await store.close()
@@ -127,7 +131,8 @@ async def _orphaned(parent: int) -> None:
             os._exit(1)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -136,44 +141,30 @@ def _die_with_parent() -> None:
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _engine_main(settings: Settings, parent: int) -> None:
-    """Entry point of the engine's child process."""
-    _die_with_parent()
-    if os.getppid() != parent:
-        return
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    with contextlib.suppress(KeyboardInterrupt):
-        _run(_worker(settings, parent))
-
-
 @contextlib.asynccontextmanager
-async def _engine_process(settings: Settings) -> AsyncIterator[None]:
-    """Run the embedded engine in a child process for as long as the server runs; start it
-    again if it dies."""
-    import multiprocessing
+async def _engine_process(config: str | None) -> AsyncIterator[None]:
+    """Run the embedded engine as a ``batchd worker`` child for as long as the server runs;
+    start it again if it dies. It reads the same configuration (file and environment) and
+    skips the migrations the server has just run."""
+    cmd = [sys.executable, "-m", "batchd.cli", "worker", "--parent", str(os.getpid())]
+    if config:
+        cmd += ["--config", config]
+    env = {**os.environ, "BATCHD_MIGRATE_ON_START": "false"}
+    procs: list[asyncio.subprocess.Process] = []
 
-    ctx = multiprocessing.get_context("spawn")
-    procs: list[Any] = []
-
-    def start() -> None:
-        proc = ctx.Process(
-            target=_engine_main, args=(settings, os.getpid()), name="batchd-engine"
-        )
-        proc.start()
-        procs[:] = [proc]
+    async def start() -> None:
+        procs[:] = [
+            await asyncio.create_subprocess_exec(*cmd, env=env, stdin=asyncio.subprocess.DEVNULL)
+        ]
 
     async def keep_running() -> None:
         while True:
+            code = await procs[0].wait()
+            log.warning("the engine process exited (%s); starting it again", code)
             await asyncio.sleep(ENGINE_RESTART_SECONDS)
-            if not procs[0].is_alive():
-                log.warning("the engine process exited (%s); starting it again", procs[0].exitcode)
-                await asyncio.to_thread(procs[0].join)
-                start()
+            await start()
 
-    start()
+    await start()
     monitor = asyncio.get_running_loop().create_task(keep_running())
     try:
         yield
@@ -182,12 +173,13 @@ async def _engine_process(settings: Settings) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await monitor
         proc = procs[0]
-        if proc.is_alive():
+        if proc.returncode is None:
             proc.terminate()
-            await asyncio.to_thread(proc.join, 15)
-        if proc.is_alive():
-            proc.kill()
-            await asyncio.to_thread(proc.join)
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 async def _migrate(settings: Settings) -> None:
@@ -215,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_serve.add_argument("--port", type=int, default=8000)
     p_worker = sub.add_parser("worker", help="run the engine only (add as many as needed)")
     p_worker.add_argument("--config", help="TOML configuration file")
+    p_worker.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # serve's own engine
     p_migrate = sub.add_parser("migrate", help="bring the database schema up to date")
     p_migrate.add_argument("--config", help="TOML configuration file")
     client.add_parsers(sub)
@@ -224,9 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
         if args.command == "serve":
-            _run(_serve(settings, args.host, args.port))
+            _run(_serve(settings, args.host, args.port, _config_path(args)))
         elif args.command == "worker":
-            _run(_worker(settings))
+            if args.parent:
+                die_with_parent()
+            _run(_worker(settings, args.parent))
         else:
             _run(_migrate(settings))
     except ConfigError as exc:

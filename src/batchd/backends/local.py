@@ -47,7 +47,7 @@ from batchd.localmodel.scheduler import (
     PromptTooLong,
     load_llm,
 )
-from batchd.localmodel.worker import WorkerClosed
+from batchd.localmodel.worker import WorkerClosed, limit_blas_threads
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -89,7 +89,18 @@ def _ok(body: Mapping[str, Any]) -> UpstreamResponse:
 class LocalBackend(Backend):
     """One embedded model; the model and its thread live in this instance."""
 
-    def __init__(self, local_model: str, *, max_batch: int = 32, max_context: int = 2048) -> None:
+    def __init__(
+        self,
+        local_model: str,
+        *,
+        max_batch: int = 32,
+        max_context: int = 2048,
+        blas_threads: int | None = 1,
+    ) -> None:
+        """``max_batch``: sequences generated together; ``max_context``: prompt + completion
+        tokens of one sequence; ``blas_threads``: numpy BLAS threads, set process-wide when
+        the model loads (``None`` leaves numpy's default, one a core; see
+        :func:`batchd.localmodel.worker.limit_blas_threads`)."""
         if local_model not in _SERVES:
             raise ConfigError(
                 f"unknown local_model {local_model!r}; known: {', '.join(known_local_models())}"
@@ -97,6 +108,7 @@ class LocalBackend(Backend):
         self.local_model = local_model
         self.max_batch = max_batch
         self.max_context = max_context
+        self.blas_threads = blas_threads
         self._root: Path | None = None
         self._llm: GenerationScheduler | None = None
         self._embedder: EmbeddingWorker | None = None
@@ -112,7 +124,7 @@ class LocalBackend(Backend):
         if self._llm is None:
             path = self._weights() / SMOLLM2.files[0]
             self._llm = GenerationScheduler(
-                lambda: _loading(lambda: load_llm(path), self.local_model),
+                lambda: self._load(lambda: load_llm(path)),
                 max_batch=self.max_batch,
                 max_positions=self.max_context,
             )
@@ -121,10 +133,18 @@ class LocalBackend(Backend):
     def _embedding_worker(self) -> EmbeddingWorker:
         if self._embedder is None:
             path = self._weights() / "model"
-            self._embedder = EmbeddingWorker(
-                lambda: _loading(lambda: MiniLM(path), self.local_model)
-            )
+            self._embedder = EmbeddingWorker(lambda: self._load(lambda: MiniLM(path)))
         return self._embedder
+
+    def _load(self, load: Callable[[], T]) -> T:
+        """Runs on the model's thread, on its first job."""
+        try:
+            limit_blas_threads(self.blas_threads)
+            return load()
+        except Exception as exc:
+            raise BackendUnavailable(
+                f"the local model {self.local_model!r} failed to load: {exc}"
+            ) from exc
 
     async def close(self) -> None:
         workers = [w for w in (self._llm, self._embedder) if w is not None]
@@ -364,13 +384,6 @@ def _checked_ids(ids: list[int], vocab_size: int) -> list[int]:
     if any(not 0 <= t < vocab_size for t in ids):
         raise BadRequest(f"token ids must be in [0, {vocab_size})", param="prompt")
     return ids
-
-
-def _loading(load: Callable[[], T], name: str) -> T:
-    try:
-        return load()
-    except Exception as exc:
-        raise BackendUnavailable(f"the local model {name!r} failed to load: {exc}") from exc
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

@@ -9,6 +9,7 @@ batching) and :class:`batchd.localmodel.minilm.EmbeddingWorker`.
 from __future__ import annotations
 
 import abc
+import importlib
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -16,6 +17,23 @@ from typing import Generic, TypeVar
 
 M = TypeVar("M")
 J = TypeVar("J")
+
+
+def limit_blas_threads(threads: int | None) -> None:
+    """Set how many threads numpy's BLAS uses, process-wide (``None``: leave it).
+
+    OpenBLAS starts one thread per core. When anything else keeps a core busy (the engine,
+    the API, another process), its threads wait on each other and a decode step of 32
+    sequences went from 0.2 s to 0.5-3.7 s on 2 cores; with one thread it stayed at
+    0.2-0.6 s. The model's thread is the only heavy numpy user in batchd. (threadpoolctl
+    only sees libraries already loaded: numpy is, by the imports of this package.)"""
+    if threads is None:
+        return
+    try:  # untyped, and optional: without it, numpy's default (or OPENBLAS_NUM_THREADS)
+        threadpoolctl = importlib.import_module("threadpoolctl")
+    except ImportError:
+        return
+    threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
 
 
 class WorkerClosed(RuntimeError):

@@ -1,0 +1,102 @@
+"""`batchd serve` with no deployments answers with its embedded models, through the SDK."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from batchd.localmodel.packages import MINILM, SMOLLM2
+from tests.support import Server, read_jsonl, start_server, wait_batch, write_config
+from tests.unit.localmodel_support import weights_dir
+
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    weights_dir(SMOLLM2)
+    weights_dir(MINILM)
+    tmp = tmp_path_factory.mktemp("local")
+    server = start_server(write_config(tmp, {}), tmp)  # no deployments: the embedded defaults
+    yield server
+    server.proc.stop()
+
+
+def _run(c: OpenAI, rows: list[dict[str, Any]], endpoint: str) -> list[dict[str, Any]]:
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    file = c.files.create(file=("in.jsonl", data), purpose="batch")
+    batch = c.batches.create(input_file_id=file.id, endpoint=endpoint, completion_window="24h")
+    batch = wait_batch(c, batch.id, timeout=240)
+    assert batch.status == "completed", batch
+    assert batch.request_counts is not None and batch.request_counts.failed == 0
+    out = {r["custom_id"]: r for r in read_jsonl(c.files.content(batch.output_file_id).text)}
+    return [out[r["custom_id"]]["response"]["body"] for r in rows]
+
+
+def test_chat_answers_from_the_model(local_server: Server, sdk: Callable[..., OpenAI]) -> None:
+    c = sdk(local_server)
+
+    def ask(cid: str, text: str) -> dict[str, Any]:
+        return {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "smollm2-135m-instruct",
+                "temperature": 0,
+                "max_tokens": 12,
+                "messages": [{"role": "user", "content": text}],
+            },
+        }
+
+    capital = "What is the capital of France?"
+    bodies = _run(
+        c,
+        [
+            ask("a", capital),
+            ask("b", capital),
+            ask("c", "Name a primary colour."),
+            ask("d", capital),
+        ],
+        "/v1/chat/completions",
+    )
+    answers = [b["choices"][0]["message"]["content"] for b in bodies]
+    assert "Paris" in answers[0]
+    assert answers[0] == answers[1] == answers[3]  # same prompt, same answer across the batch
+    assert answers[2] != answers[0]
+    for b in bodies:
+        assert b["object"] == "chat.completion"
+        usage = b["usage"]
+        assert usage["prompt_tokens"] > 10 and 0 < usage["completion_tokens"] <= 12
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_embeddings_from_the_model(local_server: Server, sdk: Callable[..., OpenAI]) -> None:
+    c = sdk(local_server)
+    texts = {
+        "cat": "A cat is sleeping on the sofa.",
+        "para": "On the couch, a cat is asleep.",
+        "other": "The stock market fell sharply today.",
+    }
+    rows = [
+        {
+            "custom_id": k,
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "all-minilm-l6-v2", "input": v},
+        }
+        for k, v in texts.items()
+    ]
+    bodies = _run(c, rows, "/v1/embeddings")
+    vec = {r["custom_id"]: b["data"][0]["embedding"] for r, b in zip(rows, bodies, strict=True)}
+    assert all(len(v) == 384 for v in vec.values())
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(
+            sum(x * x for x in a) * sum(y * y for y in b)
+        )
+
+    assert cos(vec["cat"], vec["para"]) > cos(vec["cat"], vec["other"]) + 0.2
