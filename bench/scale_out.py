@@ -6,7 +6,7 @@ SQLAlchemy events: the server here has no pg_stat_statements).
 
 Run: ``python bench/scale_out.py [--quick] [--requests N]``. Needs PostgreSQL on
 127.0.0.1:5432 (``BATCHD_TEST_PG`` to change). Writes nothing; paste the table into
-``docs/benchmarks-scale-out.md``.
+``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
