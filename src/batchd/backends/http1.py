@@ -20,6 +20,7 @@ import asyncio
 import os
 import ssl
 import zlib
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -72,8 +73,8 @@ class _Conn(asyncio.Protocol):
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports do not derive from asyncio's classes.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None or self._waiter.done():
@@ -233,7 +234,9 @@ class HTTP1Backend(Backend):
                     server_hostname=self._host if self._ssl is not None else None,
                 )
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"connecting to the upstream timed out after {limit:.0f}s") from exc
+            raise UpstreamTimeout(
+                f"connecting to the upstream timed out after {limit:.0f}s"
+            ) from exc
         except OSError as exc:
             raise UpstreamUnavailable(f"upstream connection failed: {exc}") from exc
         self._conns.add(conn)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from batchd.backends.base import Backend
-from batchd.backends.openai_http import OpenAIHTTPBackend
+from batchd.backends.http1 import HTTP1Backend
 from batchd.config import Deployment
 
 
@@ -12,9 +12,13 @@ def build_backend(deployment: Deployment) -> Backend:
         # Imported here: a server that only proxies never loads the model code.
         from batchd.backends.local import LocalBackend
 
-        return LocalBackend(deployment.local_model or deployment.model)
+        # One sequence per request in flight, up to what the model's batch step is sized for.
+        return LocalBackend(
+            deployment.local_model or deployment.model,
+            max_batch=min(32, deployment.max_concurrency),
+        )
     assert deployment.base_url is not None  # checked by the config
-    return OpenAIHTTPBackend(
+    return HTTP1Backend(
         deployment.base_url,
         api_key=deployment.api_key,
         max_concurrency=deployment.max_concurrency,
