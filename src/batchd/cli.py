@@ -120,6 +120,7 @@ async def _worker(settings: Settings, parent: int | None = None) -> None:
 # its callbacks and its GIL, and pushed poll latency to hundreds of milliseconds. The child is
 # ``batchd worker`` in all but name; nothing the two need is shared in memory.
 ENGINE_RESTART_SECONDS = 1.0
+ENGINE_NICENESS = 5
 
 
 async def _orphaned(parent: int) -> None:
@@ -221,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "worker":
             if args.parent:
                 die_with_parent()
+                # The engine is batch work: the API's polls get the CPU first when both want it.
+                os.nice(ENGINE_NICENESS)
             _run(_worker(settings, args.parent))
         else:
             _run(_migrate(settings))

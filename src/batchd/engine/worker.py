@@ -65,6 +65,7 @@ class Engine:
         self._runs: dict[tuple[str, int], ShardRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._shard_ended = asyncio.Event()
         self._finalizer = Finalizer(store, blobs, self._spool, owner)
         activator = Activator(settings, store)
         self._activator = activator
@@ -143,6 +144,7 @@ class Engine:
         finally:
             self._runs.pop(run.key, None)
             self._wake.set()
+            self._shard_ended.set()
 
     def _spawn(self, coro: object) -> None:
         assert asyncio.iscoroutine(coro)
@@ -205,7 +207,10 @@ class Engine:
             except Exception:
                 log.exception("finalising failed; it will be retried")
             if batch is None:
-                await asyncio.sleep(self._cfg.poll_seconds)
+                # Woken at once when one of this engine's shards ends (often a batch's last).
+                self._shard_ended.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._shard_ended.wait(), self._cfg.poll_seconds)
 
     async def _sweep_loop(self) -> None:
         while True:

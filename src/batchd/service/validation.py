@@ -66,6 +66,7 @@ class Validator:
         self._line_no = 0  # physical lines seen (1-based numbering, blank lines count)
         self._shard: list[int] = []  # [start, first_line, count]
         self._shard_end = 0
+        self._urls: dict[str, str] = {}  # url as written -> canonical, computed once per url
         self._too_long = False
 
     # -- reporting -------------------------------------------------------------------
@@ -154,8 +155,8 @@ class Validator:
         if len(raw) > self._max_line_bytes:
             self._not_jsonl(f"Line {n} is longer than {self._max_line_bytes} bytes.", n)
             return
-        text = raw.strip()
-        if not text:
+        text = raw  # JSON allows the whitespace around a value: no copy to strip it
+        if not text or text.isspace():
             return  # blank lines are allowed and skipped
         self.summary.lines += 1
         if self.summary.lines > self._max_lines:
@@ -175,10 +176,13 @@ class Validator:
             self._not_jsonl(f"Line {n} is not a JSON object.", n)
             return
         self._add_to_shard(start, end, n)
-        for name in ("custom_id", "method", "url", "body"):
-            if getattr(line, name) is msgspec.UNSET:
-                self._issue("missing_required_parameter", f"Line {n} has no {name!r}.", n, name)
         cid, method, url = line.custom_id, line.method, line.url
+        if msgspec.UNSET in (cid, method, url) or line.body is msgspec.UNSET:
+            for name in ("custom_id", "method", "url", "body"):
+                if getattr(line, name) is msgspec.UNSET:
+                    self._issue(
+                        "missing_required_parameter", f"Line {n} has no {name!r}.", n, name
+                    )
         if cid is not msgspec.UNSET:
             if not isinstance(cid, str) or not cid:
                 self._issue(
@@ -199,7 +203,10 @@ class Validator:
             if not isinstance(url, str):
                 self._issue("invalid_request", f"Line {n}: url must be a string.", n, "url")
             else:
-                self._remember(self.summary.urls, normalise_endpoint(url) or url, n)
+                canonical = self._urls.get(url)
+                if canonical is None:
+                    canonical = self._urls[url] = normalise_endpoint(url) or url
+                self._remember(self.summary.urls, canonical, n)
         if isinstance(line.body, msgspec.Raw):
             self._check_body(line.body, n)
 
