@@ -645,15 +645,13 @@ class Store:
                 ),
             ),
         )
+        q = select(batches.c.id).where(ready).order_by(batches.c.id).limit(1)
+        # Most rounds find nothing: look first without taking the write lock.
+        async with self._read() as conn:
+            if (await conn.execute(q)).scalar() is None:
+                return None
         async with self._write() as conn:
-            q = (
-                select(batches.c.id)
-                .where(ready)
-                .order_by(batches.c.id)
-                .limit(1)
-                .with_for_update(**self._skip_locked())
-            )
-            batch_id = (await conn.execute(q)).scalar()
+            batch_id = (await conn.execute(q.with_for_update(**self._skip_locked()))).scalar()
             if batch_id is None:
                 return None
             await conn.execute(
