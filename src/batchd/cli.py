@@ -132,6 +132,20 @@ async def _orphaned(parent: int) -> None:
             os._exit(1)
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates its own arena; with the worker threads of file
+    I/O and SQLite they hold on to tens of megabytes that a long batch leaves behind
+    (measured: the engine's peak 174-202 MiB with the default, 148-150 MiB flat with 2). Must
+    run before any thread starts; the environment's ``MALLOC_ARENA_MAX`` wins."""
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        m_arena_max = -8
+        ctypes.CDLL(None).mallopt(m_arena_max, arenas)
+
+
 def die_with_parent() -> None:
     """Linux: have the kernel SIGKILL this process when its parent dies."""
     if sys.platform.startswith("linux"):
@@ -215,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in client.COMMANDS:
         return client.run(args)
+    limit_malloc_arenas()
     try:
         settings = _settings(args)
         if args.command == "serve":
