@@ -37,6 +37,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Alembic logs each plugin it loads and each revision it applies at INFO: warnings only.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.root.level))
     return settings
 
 
