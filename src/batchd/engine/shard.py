@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,21 +287,16 @@ class ShardRun:
         journal = Journal(self.spool, c.batch_id, c.idx, c.token)
         await journal.open()
         ticker = asyncio.get_running_loop().create_task(self._checkpointer())
-        tasks: set[asyncio.Task[None]] = set()
+        todo = [(i, req) for i, req in enumerate(requests) if not _bit(self._done, i)]
+        window = max((r.limiter.max_concurrency for r in self.routes.values()), default=64)
+        lines = iter(todo)
+        # A fixed set of senders pulls lines from one iterator: no task, callback or gate per
+        # request, and at most ``window`` requests of this shard in flight.
+        loop = asyncio.get_running_loop()
+        tasks = {
+            loop.create_task(self._sender(lines, journal)) for _ in range(min(window, len(todo)))
+        }
         try:
-            window = max((r.limiter.max_concurrency for r in self.routes.values()), default=64)
-            gate = asyncio.Semaphore(window)
-            for i, req in enumerate(requests):
-                if _bit(self._done, i):
-                    continue
-                await gate.acquire()
-                if self.stop.is_set():
-                    gate.release()
-                    break
-                task = asyncio.get_running_loop().create_task(self._execute(i, req, journal))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                task.add_done_callback(lambda _t: gate.release())
             if tasks:
                 await self._drain(tasks)
         finally:
@@ -312,6 +308,16 @@ class ShardRun:
             await journal.close()
         if not self.lost:
             await self.checkpoint(final=True)
+
+    async def _sender(self, lines: Iterator[tuple[int, Request]], journal: Journal) -> None:
+        for i, req in lines:
+            if self.stop.is_set():
+                return
+            try:
+                await self._execute(i, req, journal)
+            except Exception:
+                # Left undone: the shard is released and the line is tried again later.
+                log.exception("shard %s/%d: line %d failed", *self.key, i)
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
         """Wait for in-flight requests; once stopped, give them a bounded grace."""
