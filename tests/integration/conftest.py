@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import pg_admin, pg_url, require_postgres, start_moto
+from tests.support import fresh_database, pg_admin, pg_url, require_postgres, start_moto
 
 
 @pytest.fixture(scope="session")
@@ -32,23 +32,14 @@ def pg_template() -> Iterator[str]:
 @pytest.fixture
 def pg_database(pg_template: str) -> Iterator[str]:
     """A fresh, migrated database (copied from the template) for one test; its URL."""
-    name = f"{pg_template}_{uuid.uuid4().hex[:6]}"
-    pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
-    try:
-        yield pg_url(name)
-    finally:
-        pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(pg_template, template=pg_template) as url:
+        yield url
 
 
 @pytest.fixture
 def empty_pg_database() -> Iterator[str]:
-    require_postgres()
-    name = f"batchd_test_{uuid.uuid4().hex[:10]}"
-    pg_admin(f'CREATE DATABASE "{name}"')
-    try:
-        yield pg_url(name)
-    finally:
-        pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("batchd_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
