@@ -25,35 +25,53 @@ _BATCH = 32  # sequences a forward pass
 _EPS = 1e-12
 
 
+_GELU_ROWS = 32  # rows of the GELU computed at once, so its passes stay in the cache
+
+
 def _gelu(x: F32) -> F32:
-    """Exact (erf) GELU with numpy only: erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7),
-    computed in place to keep the temporaries few."""
-    z = np.abs(x) * np.float32(1.0 / np.sqrt(2.0))
-    t = z * np.float32(0.3275911)
-    t += 1.0
-    np.reciprocal(t, out=t)
-    poly = t * np.float32(1.061405429)
-    for coefficient in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
-        poly += np.float32(coefficient)
-        poly *= t
-    np.square(z, out=z)
-    np.negative(z, out=z)
-    np.exp(z, out=z)
-    poly *= z  # 1 - erf(|x| / sqrt 2)
-    # gelu = x/2 * (1 + erf(x / sqrt 2)); for x < 0, erf is -erf(|x|)
-    np.copysign(1.0 - poly, x, out=poly)
-    poly += 1.0
-    poly *= x
-    poly *= np.float32(0.5)
-    return poly
+    """Exact (erf) GELU, in place, with numpy only: erf by Abramowitz & Stegun 7.1.26
+    (|error| < 1.5e-7). It takes ~15 passes over its input, so it runs a few rows at a time
+    (each slice stays in the L2 cache) with two scratch buffers."""
+    rows = min(_GELU_ROWS, x.shape[0])
+    z_buf = np.empty((rows, x.shape[1]), dtype=np.float32)
+    t_buf = np.empty_like(z_buf)
+    for start in range(0, x.shape[0], rows):
+        part = x[start : start + rows]
+        n = part.shape[0]
+        z, t = z_buf[:n], t_buf[:n]
+        np.abs(part, out=z)
+        z *= np.float32(1.0 / np.sqrt(2.0))
+        np.multiply(z, np.float32(0.3275911), out=t)
+        t += 1.0
+        np.reciprocal(t, out=t)
+        poly = t * np.float32(1.061405429)
+        for coefficient in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+            poly += np.float32(coefficient)
+            poly *= t
+        np.square(z, out=z)
+        np.negative(z, out=z)
+        np.exp(z, out=z)
+        poly *= z  # 1 - erf(|x| / sqrt 2)
+        # gelu = x/2 * (1 + erf(x / sqrt 2)); for x < 0, erf is -erf(|x|)
+        np.subtract(1.0, poly, out=poly)
+        np.copysign(poly, part, out=poly)
+        poly += 1.0
+        poly *= np.float32(0.5)
+        part *= poly
+    return x
 
 
 def _layer_norm(x: F32, weight: F32, bias: F32) -> F32:
-    mean = x.mean(axis=-1, keepdims=True)
-    centred = x - mean
-    var = np.mean(centred * centred, axis=-1, keepdims=True)
-    out: F32 = centred / np.sqrt(var + _EPS) * weight + bias
-    return out
+    """Layer norm over the last axis, in place."""
+    x -= x.mean(axis=-1, keepdims=True)
+    var = np.einsum("ij,ij->i", x, x)[:, None]
+    var *= np.float32(1.0 / x.shape[-1])
+    var += np.float32(_EPS)
+    np.sqrt(var, out=var)
+    x /= var
+    x *= weight
+    x += bias
+    return x
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +109,9 @@ class MiniLM:
         self.emb_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
         self.dim = int(self.word.shape[1])
         self.layers: list[_BertLayer] = []
+        # 1/sqrt(head dim) on the query columns only
+        scale = np.ones(3 * self.dim, dtype=np.float32)
+        scale[: self.dim] = np.float32(1.0 / np.sqrt(self.dim // self.heads))
         i = 0
         while f"encoder.layer.{i}.attention.self.query.weight" in w:
             p = f"encoder.layer.{i}."
@@ -99,9 +120,9 @@ class MiniLM:
             self.layers.append(
                 _BertLayer(
                     wqkv=np.ascontiguousarray(
-                        np.concatenate([w[f"{a}self.{n}.weight"] for n in names]).T
+                        np.concatenate([w[f"{a}self.{n}.weight"] for n in names]).T * scale
                     ),
-                    bqkv=np.concatenate([w[f"{a}self.{n}.bias"] for n in names]),
+                    bqkv=np.concatenate([w[f"{a}self.{n}.bias"] for n in names]) * scale,
                     wo=np.ascontiguousarray(w[a + "output.dense.weight"].T),
                     bo=w[a + "output.dense.bias"],
                     ln1=(w[a + "output.LayerNorm.weight"], w[a + "output.LayerNorm.bias"]),
@@ -145,31 +166,42 @@ class MiniLM:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = s
             mask[i, : len(s)] = 1.0
+        # Activations stay 2-D, (b * length, 384), so each weight is one GEMM for the batch.
         x = self.word[ids] + self.position[:length] + self.token_type
-        x = _layer_norm(x, *self.emb_ln)
+        x = _layer_norm(x.reshape(b * length, self.dim), *self.emb_ln)
         bias = ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]  # (b, 1, 1, L)
         with np.errstate(over="ignore", under="ignore"):
             for layer in self.layers:
-                x = self._layer(x, layer, bias)
-        summed = (x * mask[:, :, None]).sum(axis=1)
+                x = self._layer(x, layer, bias, b, length)
+        summed = (x.reshape(b, length, self.dim) * mask[:, :, None]).sum(axis=1)
         pooled = summed / np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
         norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         result: F32 = (pooled / norms).astype(np.float32)
         return result
 
-    def _layer(self, x: F32, layer: _BertLayer, bias: F32) -> F32:
-        b, length, dim = x.shape
+    def _layer(self, x: F32, layer: _BertLayer, bias: F32, b: int, length: int) -> F32:
+        dim = self.dim
         hd = dim // self.heads
-        qkv = (x @ layer.wqkv + layer.bqkv).reshape(b, length, 3, self.heads, hd)
-        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (b, h, L, hd)
-        scores = (q @ k.transpose(0, 1, 3, 2)) * np.float32(1.0 / np.sqrt(hd)) + bias
+        qkv = x @ layer.wqkv
+        qkv += layer.bqkv
+        # (3, b, heads, L, hd); the 1/sqrt(hd) of the scores is folded into the query weights
+        q, k, v = qkv.reshape(b, length, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(0, 1, 3, 2)
+        scores += bias
         scores -= scores.max(axis=-1, keepdims=True)
-        probs = np.exp(scores)
-        probs /= probs.sum(axis=-1, keepdims=True)
-        ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b, length, dim)
-        x = _layer_norm(x + ctx @ layer.wo + layer.bo, *layer.ln1)
-        inner = _gelu(x @ layer.wi + layer.bi)
-        return _layer_norm(x + inner @ layer.wout + layer.bout, *layer.ln2)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(b * length, dim)
+        attended = ctx @ layer.wo
+        attended += layer.bo
+        attended += x
+        x = _layer_norm(attended, *layer.ln1)
+        inner = x @ layer.wi
+        inner += layer.bi
+        out = _gelu(inner) @ layer.wout
+        out += layer.bout
+        out += x
+        return _layer_norm(out, *layer.ln2)
 
 
 EmbeddingInput = str | list[int]
