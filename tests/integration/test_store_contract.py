@@ -4,6 +4,8 @@ per test), so that neither can drift from the other."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from batchd.errors import LeaseLost
+from batchd.errors import LeaseLost, StoreError
 from batchd.models import (
     CANCELLING,
     FILE_PROCESSED,
@@ -28,7 +30,7 @@ from batchd.models import (
     ValidationIssue,
     new_id,
 )
-from batchd.store.connect import async_url, migrate, open_store
+from batchd.store.connect import HEAD_REVISION, _alembic_config, async_url, migrate, open_store
 from batchd.store.schema import metadata
 from batchd.store.slots import SlotDemand
 from batchd.store.sql import Store
@@ -362,3 +364,32 @@ async def test_migrations_create_exactly_the_schema(unmigrated_url: str) -> None
             assert await conn.run_sync(_diff) == []
     finally:
         await engine.dispose()
+
+
+def test_head_revision_is_alembics_head() -> None:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config("sqlite:///unused.db"))
+    assert script.get_heads() == [HEAD_REVISION]
+
+
+def test_migrate_never_loads_alembic_in_the_calling_process(tmp_path: Path) -> None:
+    """The upgrade runs in a child; a schema at the head costs one query, no Alembic."""
+    code = (
+        "import asyncio, sys\n"
+        "from batchd.store.connect import migrate, schema_revision\n"
+        f"url = 'sqlite:///{tmp_path / 'x.db'}'\n"
+        "assert asyncio.run(schema_revision(url)) is None\n"
+        "asyncio.run(migrate(url))\n"
+        "asyncio.run(migrate(url))\n"
+        "print(asyncio.run(schema_revision(url)), 'alembic' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == [HEAD_REVISION, "False"]
+
+
+async def test_a_failed_migration_says_why() -> None:
+    with pytest.raises(StoreError, match=r"the schema migration failed: .*no_such_database"):
+        await migrate("postgresql://postgres@127.0.0.1:5432/no_such_database")

@@ -81,7 +81,8 @@ def parse_span(data: bytes, count: int) -> list[Request]:
         out_tokens = head.max_completion_tokens or head.max_tokens or 0
         out.append(
             Request(
-                orjson.dumps(line.custom_id),
+                # msgspec's bytes are sized to fit; orjson's keep a 4 KiB buffer each
+                msgspec.json.encode(line.custom_id),
                 bytes(line.body),
                 head.model,
                 len(line.body) // 4 + out_tokens,

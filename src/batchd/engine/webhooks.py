@@ -16,13 +16,16 @@ import hashlib
 import hmac
 import logging
 import time
+from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
 
 from batchd.config import Webhook
 from batchd.models import BatchEvent, now
 from batchd.store.sql import Store
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class WebhookSender:
         self._session: aiohttp.ClientSession | None = None
 
     async def _deliver(self, hook: Webhook, event: BatchEvent, body: bytes) -> bool:
+        import aiohttp  # only in a process that has webhooks to send (~5 MB)
+
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT)

@@ -1,26 +1,39 @@
-"""Opening the store: engines, SQLite pragmas, and schema migrations (Alembic)."""
+"""Opening the store: engines, SQLite pragmas, and schema migrations (Alembic).
+
+Alembic (with Mako) costs ~11 MB of memory in a process that imports it, so no long-running
+process does: :func:`migrate` first reads the schema's version, and when it is behind runs
+the upgrade in a short-lived child process.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from batchd.errors import ConfigError
+from batchd.errors import ConfigError, StoreError
 from batchd.store.sql import Store
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Any fixed 64-bit number: the advisory lock that serialises migrations between replicas.
 _MIGRATION_LOCK = 0x62617463686400
+# The newest revision under migrations/versions (a test checks it against Alembic's head).
+HEAD_REVISION = "0004"
 
 
 def async_url(url: str) -> str:
@@ -36,6 +49,20 @@ def async_url(url: str) -> str:
     )
 
 
+def _set_wal(cur: Any) -> None:
+    """Switch to WAL. Two processes opening a new database at once can both try; SQLite then
+    answers "locked" at once (no busy wait, to avoid a deadlock), so wait and try again."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _sqlite_engine(url: str, *, writer: bool) -> AsyncEngine:
     engine = create_async_engine(
         url,
@@ -49,9 +76,9 @@ def _sqlite_engine(url: str, *, writer: bool) -> AsyncEngine:
         # Manage transactions ourselves so that writes begin IMMEDIATE.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=30000")
+        _set_wal(cur)
+        cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -74,6 +101,8 @@ def open_store(database_url: str) -> Store:
 
 
 def _alembic_config(url: str) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -81,6 +110,8 @@ def _alembic_config(url: str) -> AlembicConfig:
 
 
 def _upgrade(conn: Connection, url: str) -> None:
+    from alembic import command
+
     cfg = _alembic_config(url)
     cfg.attributes["connection"] = conn
     if conn.dialect.name == "postgresql":
@@ -88,21 +119,79 @@ def _upgrade(conn: Connection, url: str) -> None:
     command.upgrade(cfg, "head")
 
 
-async def migrate(database_url: str) -> None:
-    """Bring the schema to the newest version. Safe to run from many processes at once:
-    PostgreSQL serialises them with an advisory lock, SQLite with its write lock."""
-    url = async_url(database_url)
+def _migration_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         path = make_url(url).database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # BEGIN IMMEDIATE: the write lock is taken before alembic reads its version table, so
         # a second process waits and then finds the schema up to date.
-        engine = _sqlite_engine(url, writer=True)
-    else:
-        engine = create_async_engine(url, poolclass=NullPool)
+        return _sqlite_engine(url, writer=True)
+    return create_async_engine(url, poolclass=NullPool)
+
+
+async def schema_revision(database_url: str) -> str | None:
+    """The schema's Alembic revision; None for a database never migrated."""
+    engine = create_async_engine(async_url(database_url), poolclass=NullPool)
+    try:
+        async with engine.connect() as conn:
+            row = (await conn.execute(text("SELECT version_num FROM alembic_version"))).first()
+    except DBAPIError:
+        return None  # no version table yet
+    finally:
+        await engine.dispose()
+    return None if row is None else str(row[0])
+
+
+async def upgrade_here(database_url: str) -> None:
+    """Run the migrations to the head in this process."""
+    url = async_url(database_url)
+    engine = _migration_engine(url)
     try:
         async with engine.begin() as conn:
             await conn.run_sync(_upgrade, url)
     finally:
         await engine.dispose()
+
+
+_CHILD = """
+import asyncio, sys
+from batchd.store.connect import upgrade_here
+try:
+    asyncio.run(upgrade_here(sys.argv[1]))
+except Exception as exc:
+    sys.exit((str(exc) or type(exc).__name__).splitlines()[0])
+"""
+
+
+async def _upgrade_in_child(url: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CHILD,
+        url,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        raise StoreError(f"the schema migration failed: {lines[-1] if lines else proc.returncode}")
+
+
+async def migrate(database_url: str) -> None:
+    """Bring the schema to the newest version. Safe to run from many processes at once:
+    PostgreSQL serialises them with an advisory lock, SQLite with its write lock. A schema
+    already at :data:`HEAD_REVISION` costs one query; otherwise the upgrade runs in a child
+    process, so that this one never loads Alembic."""
+    url = async_url(database_url)
+    if url.startswith("sqlite"):
+        path = make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if await schema_revision(url) == HEAD_REVISION:
+        return
+    if url.startswith("sqlite") and make_url(url).database in (None, "", ":memory:"):
+        await upgrade_here(url)  # a private in-memory database exists only in this process
+        return
+    await _upgrade_in_child(url)
