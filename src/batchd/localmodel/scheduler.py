@@ -134,6 +134,7 @@ class GenerationScheduler(ModelWorker[LoadedLlm, GenerationJob]):
     def _admit(self, llm: LoadedLlm) -> None:
         free = [s for s in range(self.max_batch) if s not in self._active]
         budget = self.prefill_budget
+        admitted: list[_Sequence] = []
         while self._waiting and free:
             job = self._waiting.popleft()
             if job.cancelled:
@@ -162,6 +163,32 @@ class GenerationScheduler(ModelWorker[LoadedLlm, GenerationJob]):
             )
             self._reuse_prefix(llm, seq)
             self._active[seq.slot] = seq
+            admitted.append(seq)
+        self._share_new_prefixes(llm, admitted)
+
+    def _share_new_prefixes(self, llm: LoadedLlm, admitted: list[_Sequence]) -> None:
+        """Sequences admitted together that share a prefix not cached yet (a batch's first
+        step) compute it once: a forward pass of the prefix alone in the first one's slot,
+        copied into the others, instead of once per sequence."""
+        groups: dict[tuple[int, ...], list[_Sequence]] = {}
+        for seq in admitted:
+            if seq.save_prefix is not None:
+                groups.setdefault(seq.save_prefix, []).append(seq)
+        assert self._cache is not None
+        for key, group in groups.items():
+            if len(group) < 2:
+                continue
+            first = group[0]
+            llm.model.forward(self._cache, [SeqChunk(first.slot, key, 0)])
+            self._prefixes[key] = stored = self._cache.read(first.slot, len(key))
+            self._trim_prefixes()
+            for seq in group:
+                if seq is not first:
+                    self._cache.write(seq.slot, *stored)
+                    self.prefix_hits += 1
+                seq.save_prefix = None
+                seq.pending = seq.pending[len(key) :]
+                seq.position = len(key)
 
     def _reuse_prefix(self, llm: LoadedLlm, seq: _Sequence) -> None:
         """Prefix caching: a batch's requests mostly share their system message, whose keys
@@ -194,10 +221,13 @@ class GenerationScheduler(ModelWorker[LoadedLlm, GenerationJob]):
             if seq.save_prefix is not None:
                 self._prefixes[seq.save_prefix] = self._cache.read(seq.slot, len(seq.save_prefix))
                 seq.save_prefix = None
-                while len(self._prefixes) > self.max_prefixes or (
-                    len(self._prefixes) > 1 and self._prefix_bytes() > self.max_prefix_bytes
-                ):
-                    self._prefixes.popitem(last=False)
+                self._trim_prefixes()
+
+    def _trim_prefixes(self) -> None:
+        while len(self._prefixes) > self.max_prefixes or (
+            len(self._prefixes) > 1 and self._prefix_bytes() > self.max_prefix_bytes
+        ):
+            self._prefixes.popitem(last=False)
 
     def _prefix_bytes(self) -> int:
         return sum(a.nbytes for k, v in self._prefixes.values() for a in (*k, *v))
