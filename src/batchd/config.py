@@ -51,6 +51,12 @@ class Deployment(_Strict):
     tpm: int = Field(default=0, ge=0)
     enqueued_token_limit: int = Field(default=0, ge=0)
     timeout: float = Field(default=600.0, gt=0, description="seconds for one upstream request")
+    threads: int = Field(
+        default=1,
+        ge=0,
+        le=1024,
+        description="backend = local: CPU threads for the model's matrix products; 0 = a core each",
+    )
 
     @model_validator(mode="after")
     def _backend_needs(self) -> Deployment:

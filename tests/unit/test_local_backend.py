@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -234,3 +237,34 @@ async def test_embeddings_base64_token_ids_and_errors(embedder: LocalBackend) ->
         assert response.status_code == 400
     chat = await embedder.send("/v1/chat/completions", _chat_body("hi"), time_limit=10)
     assert chat.status_code == 400
+
+
+def test_a_local_deployment_sets_its_cpu_threads() -> None:
+    from batchd.backends.registry import build_backend
+    from batchd.config import Deployment
+
+    two = build_backend(Deployment(model="m", backend="local", local_model="all-minilm-l6-v2",
+                                   threads=2))
+    every = build_backend(Deployment(model="m", backend="local", local_model="all-minilm-l6-v2",
+                                     threads=0))
+    default = build_backend(Deployment(model="m", backend="local",
+                                       local_model="all-minilm-l6-v2"))
+    assert isinstance(two, LocalBackend) and two.blas_threads == 2
+    assert isinstance(every, LocalBackend) and every.blas_threads == (os.cpu_count() or 1)
+    assert isinstance(default, LocalBackend) and default.blas_threads == 1
+
+
+def test_blas_threads_take_the_largest_limit_asked_for() -> None:
+    code = (
+        "import numpy, threadpoolctl\n"
+        "from batchd.localmodel import worker\n"
+        "def n(): return [i['num_threads'] for i in threadpoolctl.threadpool_info()"
+        " if i['user_api'] == 'blas']\n"
+        "worker.limit_blas_threads(1); a = n()\n"
+        "worker.limit_blas_threads(2); b = n()\n"
+        "worker.limit_blas_threads(1); c = n()\n"
+        "print(a, b, c)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.split() == ["[1]", "[2]", "[2]"]

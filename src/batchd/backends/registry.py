@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from batchd.backends.base import Backend
 from batchd.backends.http1 import HTTP1Backend
 from batchd.config import Deployment
@@ -16,6 +18,7 @@ def build_backend(deployment: Deployment) -> Backend:
         return LocalBackend(
             deployment.local_model or deployment.model,
             max_batch=min(32, deployment.max_concurrency),
+            blas_threads=deployment.threads or os.cpu_count() or 1,
         )
     assert deployment.base_url is not None  # checked by the config
     return HTTP1Backend(

@@ -19,21 +19,28 @@ M = TypeVar("M")
 J = TypeVar("J")
 
 
+_blas_limit = 0  # the largest limit set so far in this process
+
+
 def limit_blas_threads(threads: int | None) -> None:
-    """Set how many threads numpy's BLAS uses, process-wide (``None``: leave it).
+    """Set how many threads numpy's BLAS uses, process-wide (``None``: leave it). The limit
+    is shared by every local model of the process, so the largest one asked for applies.
 
     OpenBLAS starts one thread per core. When anything else keeps a core busy (the engine,
-    the API, another process), its threads wait on each other and a decode step of 32
-    sequences went from 0.2 s to 0.5-3.7 s on 2 cores; with one thread it stayed at
-    0.2-0.6 s. The model's thread is the only heavy numpy user in batchd. (threadpoolctl
-    only sees libraries already loaded: numpy is, by the imports of this package.)"""
-    if threads is None:
+    the API, another process), its threads wait on each other: with one core kept busy, a
+    batch of 32 chat requests ran at 72 tokens/s with two threads and 142 with one, on 2
+    cores (on an idle machine two threads gave 241). The model's thread is the only heavy
+    numpy user in batchd. (threadpoolctl only sees libraries already loaded: numpy is, by
+    the imports of this package.)"""
+    global _blas_limit
+    if threads is None or threads <= _blas_limit:
         return
     try:  # untyped, and optional: without it, numpy's default (or OPENBLAS_NUM_THREADS)
         threadpoolctl = importlib.import_module("threadpoolctl")
     except ImportError:
         return
     threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
+    _blas_limit = threads
 
 
 class WorkerClosed(RuntimeError):
