@@ -17,6 +17,9 @@ connection) is sent once more on a fresh connection; never after part of an answ
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import itertools
 import os
 import ssl
 import zlib
@@ -48,6 +51,21 @@ _KEEP = frozenset(
         b"transfer-encoding",
     )
 )
+# The usual spellings, looked up as sent (no ``lower()`` a header): the name kept, or b"" for
+# a header that is not needed. Anything else is lower-cased and checked against ``_KEEP``.
+_SPELLINGS: dict[bytes, bytes] = {}
+for _name in _KEEP:
+    _title = b"-".join(w.capitalize() for w in _name.split(b"-"))
+    for _spelling in (_name, _title, _name.upper()):
+        _SPELLINGS[_spelling] = _name
+_SPELLINGS[b"X-Request-ID"] = b"x-request-id"
+for _name in (b"date", b"server", b"content-type", b"connection", b"keep-alive", b"vary"):
+    _title = b"-".join(w.capitalize() for w in _name.split(b"-"))
+    _SPELLINGS[_name] = _SPELLINGS[_title] = b""
+
+# Answers without a request id get a unique one: a random prefix per process and a counter.
+_REQ_PREFIX = "req_" + os.urandom(8).hex()
+_req_counter = itertools.count(1)
 
 
 class _NoAnswer(Exception):
@@ -112,9 +130,14 @@ class _Conn(asyncio.Protocol):
             raise _NoAnswer("unexpected answer")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name in _KEEP:
-            self.headers[name] = value
+        kept = _SPELLINGS.get(name)
+        if kept is None:
+            kept = name.lower()
+            if kept not in _KEEP:
+                return
+        elif not kept:
+            return
+        self.headers[kept] = value
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -210,7 +233,9 @@ class HTTP1Backend(Backend):
             fixed += [f"Authorization: Bearer {api_key}", f"api-key: {api_key}"]
         self._fixed = ("\r\n".join(fixed) + "\r\nContent-Length: ").encode("latin-1")
         self._heads: dict[str, bytes] = {}
-        self._sem = asyncio.Semaphore(max_concurrency)
+        # At most ``max_concurrency`` requests at once: a counter, and a queue only when full.
+        self._free = max_concurrency
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._idle: list[_Conn] = []  # LIFO: the most recently used connection is reused first
         self._conns: set[_Conn] = set()
 
@@ -243,44 +268,71 @@ class HTTP1Backend(Backend):
         conn.lost.add_done_callback(lambda _: self._conns.discard(conn))
         return conn
 
-    async def _exchange(self, conn: _Conn, data: bytes, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        waiter = conn.start(data)
-        timer = loop.call_at(deadline, conn.timed_out)
+    async def _wait_free(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
         try:
-            await waiter
-        except BaseException:
-            conn.abort()
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._leave()  # granted, then cancelled before use
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
             raise
-        finally:
-            timer.cancel()
 
-    async def _roundtrip(self, data: bytes, time_limit: float) -> _Conn:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + time_limit
-        conn = None
+    def _leave(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the place passes straight to the next in line
+                return
+        self._free += 1
+
+    def _idle_conn(self) -> _Conn | None:
         while self._idle:
-            candidate = self._idle.pop()
-            if not candidate.closed:
-                conn = candidate
-                break
-        if conn is not None:
-            try:
-                await self._exchange(conn, data, deadline)
+            conn = self._idle.pop()
+            if not conn.closed:
                 return conn
-            except _NoAnswer:
-                pass  # the server closed the idle connection: once more on a fresh one
-        conn = await self._connect(loop, deadline)
-        try:
-            await self._exchange(conn, data, deadline)
-        except _NoAnswer as exc:
-            raise UpstreamUnavailable(f"upstream connection failed: {exc}") from exc
-        return conn
+        return None
 
     async def send(self, endpoint: str, body: bytes, *, time_limit: float) -> UpstreamResponse:
-        data = b"".join((self._head(endpoint), b"%d\r\n\r\n" % len(body), body))
-        async with self._sem:
-            conn = await self._roundtrip(data, time_limit)
+        # One coroutine for the whole exchange: a request is one ``write``, one timer and one
+        # future, and its answer wakes this frame only.
+        data = b"%s%d\r\n\r\n%s" % (
+            self._heads.get(endpoint) or self._head(endpoint),
+            len(body),
+            body,
+        )
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+        else:
+            await self._wait_free()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + time_limit
+            conn = self._idle_conn()
+            fresh = conn is None
+            while True:
+                if conn is None:
+                    conn = await self._connect(loop, deadline)
+                waiter = conn.start(data)
+                timer = loop.call_at(deadline, conn.timed_out)
+                try:
+                    await waiter
+                except _NoAnswer as exc:
+                    conn.abort()
+                    if fresh:
+                        raise UpstreamUnavailable(f"upstream connection failed: {exc}") from exc
+                    # The server closed the idle connection: once more on a fresh one.
+                    conn, fresh = None, True
+                    continue
+                except BaseException:
+                    conn.abort()
+                    raise
+                finally:
+                    timer.cancel()
+                break
             status, headers = conn.status, conn.headers
             try:
                 payload = conn.body()
@@ -289,17 +341,24 @@ class HTTP1Backend(Backend):
                     self._idle.append(conn)
                 else:
                     conn.abort()
+        finally:
+            self._leave()
         request_id = headers.get(b"x-request-id") or headers.get(b"apim-request-id")
-        retry_ms = headers.get(b"retry-after-ms")
-        retry = headers.get(b"retry-after")
+        retry_after = None
+        if b"retry-after" in headers or b"retry-after-ms" in headers:
+            retry_ms = headers.get(b"retry-after-ms")
+            retry = headers.get(b"retry-after")
+            retry_after = retry_after_seconds(
+                retry_ms.decode("latin-1") if retry_ms is not None else None,
+                retry.decode("latin-1") if retry is not None else None,
+            )
         return UpstreamResponse(
             status,
             payload,
-            request_id.decode("latin-1") if request_id else "req_" + os.urandom(16).hex(),
-            retry_after_seconds(
-                retry_ms.decode("latin-1") if retry_ms is not None else None,
-                retry.decode("latin-1") if retry is not None else None,
-            ),
+            request_id.decode("latin-1")
+            if request_id
+            else f"{_REQ_PREFIX}{next(_req_counter):016x}",
+            retry_after,
         )
 
     async def close(self) -> None:

@@ -59,6 +59,33 @@ class DeploymentLimiter:
                 self.in_flight += 1
                 fut.set_result(None)
 
+    def try_acquire(self) -> bool:
+        """Take a slot without waiting: only when one is free, nobody queues for one and no
+        per-minute limit applies (the engine's path for nearly every request). Pair with
+        :meth:`release`."""
+        if (
+            self.in_flight < self.capacity
+            and not self._waiters
+            and self._rpm is None
+            and self._tpm is None
+        ):
+            self.in_flight += 1
+            return True
+        return False
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait for a slot (first come, first served), then for the per-minute limits.
+        Pair with :meth:`release`."""
+        await self._acquire()
+        try:
+            if self._rpm is not None:
+                await self._rpm.acquire()
+            if self._tpm is not None and tokens > 0:
+                await self._tpm.acquire(min(tokens, self._tpm_local))
+        except BaseException:
+            self.release()
+            raise
+
     async def _acquire(self) -> None:
         if self.in_flight < self.capacity and not self._waiters:
             self.in_flight += 1
@@ -69,25 +96,23 @@ class DeploymentLimiter:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                self._release()  # granted, then cancelled before use
+                self.release()  # granted, then cancelled before use
             else:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
             raise
 
-    def _release(self) -> None:
+    def release(self) -> None:
         self.in_flight -= 1
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     @contextlib.asynccontextmanager
     async def slot(self, tokens: int) -> AsyncIterator[None]:
         """Hold one in-flight slot for the length of one attempt."""
-        await self._acquire()
+        if not self.try_acquire():
+            await self.acquire(tokens)
         try:
-            if self._rpm is not None:
-                await self._rpm.acquire()
-            if self._tpm is not None and tokens > 0:
-                await self._tpm.acquire(min(tokens, self._tpm_local))
             yield
         finally:
-            self._release()
+            self.release()

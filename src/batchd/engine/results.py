@@ -98,21 +98,21 @@ def _req_id() -> bytes:
 def response_line(custom_id: bytes, resp: UpstreamResponse, body: bytes) -> bytes:
     """A line with the upstream's answer: output file for 2xx, error file otherwise.
     ``custom_id`` is already JSON-encoded; ``body`` is one line of JSON."""
-    return b"".join(
-        (
-            b'{"id":',
-            _req_id(),
-            b',"custom_id":',
-            custom_id,
-            b',"response":{"status_code":',
-            str(resp.status_code).encode(),
-            b',"request_id":',
-            orjson.dumps(resp.request_id),
-            b',"body":',
-            body,
-            b'},"error":null}\n',
-        )
+    return _RESPONSE_LINE % (
+        _ID_PREFIX,
+        next(_id_counter),
+        custom_id,
+        resp.status_code,
+        orjson.dumps(resp.request_id),
+        body,
     )
+
+
+# One formatting operation a line (the id is ``_req_id()`` written out).
+_RESPONSE_LINE = (
+    b'{"id":%s%016x","custom_id":%s,"response":{"status_code":%d,"request_id":%s,"body":%s},'
+    b'"error":null}\n'
+)
 
 
 def error_body(resp: UpstreamResponse) -> bytes:

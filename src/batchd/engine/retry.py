@@ -16,6 +16,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from batchd.backends.base import UpstreamError, UpstreamResponse
 
@@ -44,15 +45,15 @@ async def _sleep(seconds: float, stop: asyncio.Event) -> None:
 
 
 async def send_with_retries(
-    send: Callable[[float], Awaitable[UpstreamResponse]],
-    *,
+    send: Callable[..., Awaitable[UpstreamResponse]],
+    *args: Any,
     deadline: float,
     stop: asyncio.Event,
     time_limit: float,
 ) -> UpstreamResponse | None:
-    """Call ``send(seconds)`` until it gives a final answer. ``None`` means the request was
-    given up unanswered because the batch was stopped or reached its deadline. Exceptions
-    other than :class:`UpstreamError` are final and propagate."""
+    """Call ``send(*args, seconds)`` until it gives a final answer. ``None`` means the
+    request was given up unanswered because the batch was stopped or reached its deadline.
+    Exceptions other than :class:`UpstreamError` are final and propagate."""
     attempt = 0
     while True:
         if stop.is_set():
@@ -62,7 +63,7 @@ async def send_with_retries(
             return None
         retry_after: float | None = None
         try:
-            resp = await send(min(time_limit, left))
+            resp = await send(*args, min(time_limit, left))
         except UpstreamError:
             pass
         else:

@@ -23,6 +23,7 @@ import orjson
 
 from batchd.backends.base import Backend, BackendUnavailable, UpstreamResponse
 from batchd.blobs.base import Blobs
+from batchd.engine.checkpoints import Checkpointer, Taken
 from batchd.engine.journal import Journal, read_journals
 from batchd.engine.limits import DeploymentLimiter
 from batchd.engine.results import (
@@ -33,7 +34,7 @@ from batchd.engine.results import (
     usage_of_line,
 )
 from batchd.engine.retry import send_with_retries
-from batchd.errors import LeaseLost, StoreError
+from batchd.errors import LeaseLost
 from batchd.models import Part, ShardClaim, Usage
 from batchd.store.sql import Store
 
@@ -68,6 +69,18 @@ class Route:
     backend: Backend
     limiter: DeploymentLimiter
     timeout: float
+
+    async def send(
+        self, endpoint: str, body: bytes, tokens: int, time_limit: float
+    ) -> UpstreamResponse:
+        """One attempt, holding one of the deployment's slots for its length."""
+        limiter = self.limiter
+        if not limiter.try_acquire():
+            await limiter.acquire(tokens)
+        try:
+            return await self.backend.send(endpoint, body, time_limit=time_limit)
+        finally:
+            limiter.release()
 
 
 def parse_span(data: bytes, count: int) -> list[Request]:
@@ -106,16 +119,18 @@ class ShardRun:
     routes: dict[str, Route]
     checkpoint_seconds: float
     cancel_grace: float
+    # The process's checkpointer (one transaction a round for all its shards); a run without
+    # one checkpoints on its own, every ``checkpoint_seconds``.
+    checkpointer: Checkpointer | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_code: str = "batch_cancelled"
     lost: bool = False
+    released: bool = False  # a checkpoint ended the lease (shard done, or the final one)
     _done: bytearray = field(default_factory=bytearray)
     _out: list[bytes] = field(default_factory=list)
     _err: list[bytes] = field(default_factory=list)
     _usage: Usage = field(default_factory=Usage)
     _seq: int = 0
-    _ckpt_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _committed: bool = False
 
     @property
     def key(self) -> tuple[str, int]:
@@ -156,110 +171,53 @@ class ShardRun:
             return False, response_line(req.custom_id, bad, bad.body), None
         return False, response_line(req.custom_id, resp, error_body(resp)), None
 
-    async def _execute(self, i: int, req: Request, journal: Journal) -> None:
-        route = self.routes.get(req.model)
-        if route is None:
-            line = error_line(
-                req.custom_id, "model_not_found", f"No deployment serves the model {req.model!r}."
-            )
-            journal.append(i, False, line)
-            self._record(i, False, line, None)
-            return
+    # -- checkpoints (run by the Checkpointer, under its lock) ---------------------------------
+    def take(self, *, final: bool) -> Taken | None:
+        """The results gathered since the last checkpoint, with the done-bitmap that matches
+        them; None when there is nothing to store."""
+        out, err = self._out, self._err
+        if not out and not err and (not final or self.released):
+            return None
+        done = bytes(self._done)
+        taken = Taken(
+            out,
+            err,
+            self._usage,
+            done,
+            self._seq,
+            shard_done=int.from_bytes(done, "little").bit_count() == self.claim.span.count,
+        )
+        self._out, self._err, self._usage = [], [], Usage()
+        return taken
 
-        async def send(time_limit: float) -> UpstreamResponse:
-            async with route.limiter.slot(req.tokens):
-                return await route.backend.send(
-                    self.claim.endpoint, req.body, time_limit=time_limit
-                )
+    def put_back(self, taken: Taken) -> None:
+        """A checkpoint failed before its commit: its results go with the next one."""
+        self._out = taken.out + self._out
+        self._err = taken.err + self._err
+        self._usage.add(taken.usage)
+        self._seq = taken.seq
 
-        try:
-            resp = await send_with_retries(
-                send,
-                deadline=float(self.claim.expires_at),
-                stop=self.stop,
-                time_limit=route.timeout,
-            )
-        except BackendUnavailable as exc:
-            line = error_line(req.custom_id, "backend_unavailable", str(exc))
-            journal.append(i, False, line)
-            self._record(i, False, line, None)
-            return
-        if resp is None:
-            return  # stopped or past the deadline: left undone for the finaliser
-        is_output, line, usage = self._result(req, resp)
-        journal.append(i, is_output, line)
-        self._record(i, is_output, line, usage)
-
-    # -- checkpoints -------------------------------------------------------------------------
-    async def checkpoint(self, *, final: bool = False) -> None:
-        """Store the results gathered since the last checkpoint with the done-bitmap that
-        matches them. Results are put back if anything fails before the commit, so they go
-        with the next one; the commit itself is never interrupted half-way."""
-        async with self._ckpt_lock:
-            out, err, usage, seq = self._out, self._err, self._usage, self._seq
-            done = bytes(self._done)
-            self._out, self._err, self._usage = [], [], Usage()
-            if not out and not err and not final:
-                return
-            self._committed = False
-            try:
-                part = await self._write_part(out, err) if out or err else None
-                await self._commit(done, part, usage, final)
-            except LeaseLost:
-                self.lost = True
-                raise
-            except BaseException:
-                if not self._committed:
-                    self._out, self._err, self._seq = out + self._out, err + self._err, seq
-                    self._usage.add(usage)
-                raise
-
-    async def _write_part(self, out: list[bytes], err: list[bytes]) -> Part:
+    async def write_part(self, taken: Taken) -> Part | None:
+        if not taken.out and not taken.err:
+            return None
         c = self.claim
-        self._seq += 1
-        base = f"parts/{c.batch_id}/{c.idx:06d}.{c.token}.{self._seq}"
-        out_key = base + ".out" if out else None
-        err_key = base + ".err" if err else None
+        self._seq = seq = taken.seq + 1
+        base = f"parts/{c.batch_id}/{c.idx:06d}.{c.token}.{seq}"
+        out_key = base + ".out" if taken.out else None
+        err_key = base + ".err" if taken.err else None
         if out_key:
-            await self.blobs.put(out_key, b"".join(out))
+            await self.blobs.put(out_key, b"".join(taken.out))
         if err_key:
-            await self.blobs.put(err_key, b"".join(err))
-        return Part(c.batch_id, c.idx, self._seq, out_key, err_key, len(out), len(err))
+            await self.blobs.put(err_key, b"".join(taken.err))
+        return Part(c.batch_id, c.idx, seq, out_key, err_key, len(taken.out), len(taken.err))
 
-    async def _commit(self, done: bytes, part: Part | None, usage: Usage, final: bool) -> None:
-        all_done = int.from_bytes(done, "little").bit_count() == self.claim.span.count
-        while True:
-            commit = asyncio.ensure_future(
-                self.store.checkpoint(
-                    self.claim,
-                    done=done,
-                    part=part,
-                    usage=usage,
-                    shard_done=all_done,
-                    release=final,
-                )
-            )
-            try:
-                await asyncio.shield(commit)
-                self._committed = True
-                return
-            except asyncio.CancelledError:
-                # Let the transaction end, so that what we believe matches the store.
-                with contextlib.suppress(Exception):
-                    await commit
-                if commit.done() and not commit.cancelled() and commit.exception() is None:
-                    self._committed = True  # stored: nothing to put back
-                raise
-            except StoreError as exc:
-                if isinstance(exc, LeaseLost):
-                    raise
-                log.warning("checkpoint of %s/%d failed; retrying", *self.key, exc_info=True)
-                await asyncio.sleep(0.5)
-
-    async def _checkpointer(self) -> None:
-        while True:
-            await asyncio.sleep(self.checkpoint_seconds)
-            await self.checkpoint()
+    async def checkpoint(self, *, final: bool = False) -> None:
+        """Store the results gathered since the last checkpoint now (``final``: and release
+        the lease). Raises :class:`LeaseLost` when the store refused it."""
+        checkpointer = self.checkpointer or Checkpointer(self.store, self.checkpoint_seconds)
+        await checkpointer.checkpoint([self], final=final)
+        if self.lost:
+            raise LeaseLost(f"shard {self.claim.batch_id}/{self.claim.idx} was taken over")
 
     # -- the run ---------------------------------------------------------------------------
     async def _adopt(self) -> None:
@@ -287,7 +245,11 @@ class ShardRun:
         await self._adopt()
         journal = Journal(self.spool, c.batch_id, c.idx, c.token)
         await journal.open()
-        ticker = asyncio.get_running_loop().create_task(self._checkpointer())
+        own = self.checkpointer is None
+        if self.checkpointer is None:
+            self.checkpointer = Checkpointer(self.store, self.checkpoint_seconds)
+        checkpointer = self.checkpointer
+        checkpointer.add(self)
         todo = [(i, req) for i, req in enumerate(requests) if not _bit(self._done, i)]
         window = max((r.limiter.max_concurrency for r in self.routes.values()), default=64)
         lines = iter(todo)
@@ -301,9 +263,9 @@ class ShardRun:
             if tasks:
                 await self._drain(tasks)
         finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
-                await ticker
+            checkpointer.discard(self)
+            if own:
+                await checkpointer.close()
             for t in tasks:
                 t.cancel()
             await journal.close()
@@ -311,11 +273,45 @@ class ShardRun:
             await self.checkpoint(final=True)
 
     async def _sender(self, lines: Iterator[tuple[int, Request]], journal: Journal) -> None:
+        stop = self.stop
+        routes = self.routes
+        endpoint = self.claim.endpoint
+        deadline = float(self.claim.expires_at)
         for i, req in lines:
-            if self.stop.is_set():
+            if stop.is_set():
                 return
             try:
-                await self._execute(i, req, journal)
+                route = routes.get(req.model)
+                if route is None:
+                    line = error_line(
+                        req.custom_id,
+                        "model_not_found",
+                        f"No deployment serves the model {req.model!r}.",
+                    )
+                    journal.append(i, False, line)
+                    self._record(i, False, line, None)
+                    continue
+                try:
+                    resp = await send_with_retries(
+                        route.send,
+                        endpoint,
+                        req.body,
+                        req.tokens,
+                        deadline=deadline,
+                        stop=stop,
+                        time_limit=route.timeout,
+                    )
+                except BackendUnavailable as exc:
+                    line = error_line(req.custom_id, "backend_unavailable", str(exc))
+                    journal.append(i, False, line)
+                    self._record(i, False, line, None)
+                    continue
+                if resp is None:
+                    continue  # stopped or past the deadline: left undone for the finaliser
+                is_output, line, usage = self._result(req, resp)
+                # In the journal before it counts as done (see the module's docstring).
+                journal.append(i, is_output, line)
+                self._record(i, is_output, line, usage)
             except Exception:
                 # Left undone: the shard is released and the line is tried again later.
                 log.exception("shard %s/%d: line %d failed", *self.key, i)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from pathlib import Path
 from batchd.backends.base import Backend
 from batchd.blobs.base import Blobs
 from batchd.config import Settings
+from batchd.engine.checkpoints import Checkpointer
 from batchd.engine.finalize import Finalizer
 from batchd.engine.limits import DeploymentLimiter
 from batchd.engine.shard import Route, ShardRun
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 SIGNAL_SECONDS = 0.5
 SWEEP_SECONDS = 2.0
 FINALIZE_LEASE = 120.0
+BUSY_POLL_FACTOR = 4
 
 
 class Engine:
@@ -66,6 +69,8 @@ class Engine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._shard_ended = asyncio.Event()
+        # One checkpoint transaction per interval for every shard this engine runs.
+        self.checkpointer = Checkpointer(store, self._cfg.checkpoint_seconds)
         self._finalizer = Finalizer(store, blobs, self._spool, owner)
         activator = Activator(settings, store)
         self._activator = activator
@@ -76,6 +81,11 @@ class Engine:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Engine]:
         await self.slots.renew()
+        # Everything built so far (modules, settings, the store's engines) lives as long as
+        # the process: out of the collector's sight, a collection of the oldest generation
+        # scans only what the engine made since (about 5% of its CPU otherwise).
+        gc.collect()
+        gc.freeze()
         loops = [
             self.slots.run(),
             self._claim_loop(),
@@ -96,6 +106,7 @@ class Engine:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
+            await self.checkpointer.close()
             await self.slots.release()
             for backend in self._backends.values():
                 await backend.close()
@@ -124,13 +135,14 @@ class Engine:
                     routes=self._routes,
                     checkpoint_seconds=self._cfg.checkpoint_seconds,
                     cancel_grace=self._cfg.cancel_grace_seconds,
+                    checkpointer=self.checkpointer,
                 )
                 self._runs[run.key] = run
                 self._spawn(self._run_shard(run))
             if not claims:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._cfg.poll_seconds)
+                    await asyncio.wait_for(self._wake.wait(), self._idle_wait())
 
     async def _run_shard(self, run: ShardRun) -> None:
         try:
@@ -146,6 +158,15 @@ class Engine:
             self._wake.set()
             self._shard_ended.set()
 
+    def _idle_wait(self) -> float:
+        """How long the claim and finalise loops wait when they found nothing: ``poll_seconds``,
+        or ``BUSY_POLL_FACTOR`` times that while this engine runs shards. Both loops are woken
+        at once when one of its shards ends (which frees a place and may finish a batch), so
+        the slower poll only delays work that other processes leave."""
+        if self._runs:
+            return self._cfg.poll_seconds * BUSY_POLL_FACTOR
+        return self._cfg.poll_seconds
+
     def _spawn(self, coro: object) -> None:
         assert asyncio.iscoroutine(coro)
         task = asyncio.get_running_loop().create_task(coro)
@@ -155,7 +176,11 @@ class Engine:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self._cfg.lease_seconds / 3)
-            held = [(r.claim.batch_id, r.claim.idx, r.claim.token) for r in self._runs.values()]
+            held = [
+                (r.claim.batch_id, r.claim.idx, r.claim.token)
+                for r in self._runs.values()
+                if not r.released  # done and stored: no lease left to renew
+            ]
             if not held:
                 continue
             try:
@@ -210,7 +235,7 @@ class Engine:
                 # Woken at once when one of this engine's shards ends (often a batch's last).
                 self._shard_ended.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._shard_ended.wait(), self._cfg.poll_seconds)
+                    await asyncio.wait_for(self._shard_ended.wait(), self._idle_wait())
 
     async def _sweep_loop(self) -> None:
         while True:

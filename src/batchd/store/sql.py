@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, delete, exists, func, insert, or_, select, tuple_, update
@@ -45,6 +46,18 @@ from batchd.store.schema import batches, events, files, parts, shards
 from batchd.store.slots import SlotDemand, SlotGrant
 
 UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCheckpoint:
+    """What one checkpoint stores for a shard (see :meth:`Store.checkpoint_many`)."""
+
+    claim: ShardClaim
+    done: bytes  # the done-bitmap matching every result stored so far, ``part`` included
+    part: Part | None  # the results since the last checkpoint, if any
+    usage: Usage  # their usage, added to the batch's counters
+    shard_done: bool  # every line has a result: the shard ends
+    release: bool = False  # the holder stops: the lease ends
 
 
 def _file(row: RowMapping, *, with_summary: bool = True) -> FileRecord:
@@ -560,51 +573,91 @@ class Store:
         Adds the part, stores the new done-bitmap, moves the batch's counters. Raises
         :class:`LeaseLost` (and changes nothing) when another worker holds the shard now.
         """
-        values: dict[str, Any] = {"done": done}
-        if part is not None:
-            values["part_seq"] = part.seq
-        if shard_done:
-            values.update(status=SHARD_DONE, lease_owner=None, lease_until=None)
-        elif release:
-            values.update(lease_owner=None, lease_until=None)
+        lost = await self.checkpoint_many(
+            [ShardCheckpoint(claim, done, part, usage, shard_done, release)]
+        )
+        if lost:
+            raise LeaseLost(f"shard {claim.batch_id}/{claim.idx} was taken over")
+
+    async def checkpoint_many(
+        self, checkpoints: Sequence[ShardCheckpoint]
+    ) -> list[tuple[str, int]]:
+        """Record the checkpoints of several shards in one transaction; return the shards
+        whose lease was lost.
+
+        Each shard is fenced by its own token: for a shard another worker holds now nothing
+        is stored (no part, no bitmap, no counters), while the others' checkpoints commit.
+        For each shard its part, its done-bitmap and its batch's counters are stored
+        together or not at all."""
+        lost: list[tuple[str, int]] = []
+        if not checkpoints:
+            return lost
         async with self._write() as conn:
-            res = await conn.execute(
-                update(shards)
-                .where(
-                    shards.c.batch_id == claim.batch_id,
-                    shards.c.idx == claim.idx,
-                    shards.c.token == claim.token,
-                    shards.c.status == SHARD_PENDING,
+            part_rows: list[dict[str, Any]] = []
+            counters: dict[str, list[int]] = {}
+            for ck in checkpoints:
+                claim, part = ck.claim, ck.part
+                values: dict[str, Any] = {"done": ck.done}
+                if part is not None:
+                    values["part_seq"] = part.seq
+                if ck.shard_done:
+                    values.update(status=SHARD_DONE, lease_owner=None, lease_until=None)
+                elif ck.release:
+                    values.update(lease_owner=None, lease_until=None)
+                res = await conn.execute(
+                    update(shards)
+                    .where(
+                        shards.c.batch_id == claim.batch_id,
+                        shards.c.idx == claim.idx,
+                        shards.c.token == claim.token,
+                        shards.c.status == SHARD_PENDING,
+                    )
+                    .values(**values)
                 )
-                .values(**values)
-            )
-            if not res.rowcount:
-                raise LeaseLost(f"shard {claim.batch_id}/{claim.idx} was taken over")
-            if part is None:
-                return
-            await conn.execute(
-                insert(parts).values(
-                    batch_id=part.batch_id,
-                    shard_idx=part.shard_idx,
-                    seq=part.seq,
-                    out_key=part.out_key,
-                    err_key=part.err_key,
-                    out_lines=part.out_lines,
-                    err_lines=part.err_lines,
+                if not res.rowcount:
+                    lost.append((claim.batch_id, claim.idx))
+                    continue
+                if part is None:
+                    continue
+                part_rows.append(
+                    {
+                        "batch_id": part.batch_id,
+                        "shard_idx": part.shard_idx,
+                        "seq": part.seq,
+                        "out_key": part.out_key,
+                        "err_key": part.err_key,
+                        "out_lines": part.out_lines,
+                        "err_lines": part.err_lines,
+                    }
                 )
-            )
-            await conn.execute(
-                update(batches)
-                .where(batches.c.id == claim.batch_id)
-                .values(
-                    completed=batches.c.completed + part.out_lines,
-                    failed=batches.c.failed + part.err_lines,
-                    input_tokens=batches.c.input_tokens + usage.input_tokens,
-                    cached_tokens=batches.c.cached_tokens + usage.cached_tokens,
-                    output_tokens=batches.c.output_tokens + usage.output_tokens,
-                    reasoning_tokens=batches.c.reasoning_tokens + usage.reasoning_tokens,
+                c = counters.setdefault(claim.batch_id, [0, 0, 0, 0, 0, 0])
+                for n, v in enumerate(
+                    (
+                        part.out_lines,
+                        part.err_lines,
+                        ck.usage.input_tokens,
+                        ck.usage.cached_tokens,
+                        ck.usage.output_tokens,
+                        ck.usage.reasoning_tokens,
+                    )
+                ):
+                    c[n] += v
+            if part_rows:
+                await conn.execute(insert(parts), part_rows)
+            for batch_id, c in counters.items():
+                await conn.execute(
+                    update(batches)
+                    .where(batches.c.id == batch_id)
+                    .values(
+                        completed=batches.c.completed + c[0],
+                        failed=batches.c.failed + c[1],
+                        input_tokens=batches.c.input_tokens + c[2],
+                        cached_tokens=batches.c.cached_tokens + c[3],
+                        output_tokens=batches.c.output_tokens + c[4],
+                        reasoning_tokens=batches.c.reasoning_tokens + c[5],
+                    )
                 )
-            )
+        return lost
 
     async def signals(self, batch_ids: Iterable[str]) -> dict[str, BatchSignal]:
         ids = list(set(batch_ids))
