@@ -17,8 +17,6 @@ connection) is sent once more on a fresh connection; never after part of an answ
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import itertools
 import os
 import ssl
@@ -35,6 +33,7 @@ from batchd.backends.base import (
     UpstreamUnavailable,
     retry_after_seconds,
 )
+from batchd.fifo_slots import FifoSlots
 
 CONNECT_TIMEOUT = 10.0
 CLOSE_WAIT = 2.0  # seconds close() waits for connections to finish closing before aborting
@@ -233,9 +232,7 @@ class HTTP1Backend(Backend):
             fixed += [f"Authorization: Bearer {api_key}", f"api-key: {api_key}"]
         self._fixed = ("\r\n".join(fixed) + "\r\nContent-Length: ").encode("latin-1")
         self._heads: dict[str, bytes] = {}
-        # At most ``max_concurrency`` requests at once: a counter, and a queue only when full.
-        self._free = max_concurrency
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._slots = FifoSlots(max_concurrency)  # at most ``max_concurrency`` at once
         self._idle: list[_Conn] = []  # LIFO: the most recently used connection is reused first
         self._conns: set[_Conn] = set()
 
@@ -268,27 +265,6 @@ class HTTP1Backend(Backend):
         conn.lost.add_done_callback(lambda _: self._conns.discard(conn))
         return conn
 
-    async def _wait_free(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._leave()  # granted, then cancelled before use
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-            raise
-
-    def _leave(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the place passes straight to the next in line
-                return
-        self._free += 1
-
     def _idle_conn(self) -> _Conn | None:
         while self._idle:
             conn = self._idle.pop()
@@ -304,10 +280,9 @@ class HTTP1Backend(Backend):
             len(body),
             body,
         )
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-        else:
-            await self._wait_free()
+        slots = self._slots
+        if not slots.try_take():
+            await slots.take()
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + time_limit
@@ -342,7 +317,7 @@ class HTTP1Backend(Backend):
                 else:
                     conn.abort()
         finally:
-            self._leave()
+            slots.give_back()
         request_id = headers.get(b"x-request-id") or headers.get(b"apim-request-id")
         retry_after = None
         if b"retry-after" in headers or b"retry-after-ms" in headers:
