@@ -85,6 +85,7 @@ async def _serve(settings: Settings, host: str, port: int, config: str | None) -
         port=port,
         loop="none",
         http="httptools",
+        ws="none",  # no WebSocket routes: don't load the websockets package (~0.5 MiB)
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=10,

@@ -9,7 +9,7 @@ import pytest
 
 from batchd.backends.base import normalise_endpoint
 from batchd.models import new_id
-from batchd.service.validation import Validator, mismatched_lines
+from batchd.service.validation import IdSet, Validator, mismatched_lines
 
 
 def _line(cid: str, model: str = "m", url: str = "/v1/chat/completions", **body: Any) -> bytes:
@@ -96,3 +96,136 @@ def test_endpoints_and_ids() -> None:
     ids = [new_id("batch_") for _ in range(200)]
     # Time-ordered: ids of later milliseconds sort later (pagination depends on it).
     assert ids[0][:19] <= ids[-1][:19]
+
+
+# -- the fast path (one typed decode per line) against the precise path ----------------------
+class _PreciseOnly(Validator):
+    """Every line through the precise path, as the validator worked before the fast path."""
+
+    def _lines(self, buf: bytes, start: int, stop: int) -> None:
+        pos = self._offset
+        for raw in buf[start:stop].split(b"\n")[:-1]:
+            self._line(raw, pos, pos + len(raw) + 1)
+            pos += len(raw) + 1
+        self._offset = pos
+
+
+def _row(**fields: Any) -> bytes:
+    return json.dumps(fields, ensure_ascii=False).encode()
+
+
+_BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+_ODD_LINES = [
+    _line("dup"),
+    _line("dup"),  # duplicate
+    b"",
+    b"   \t",
+    b"\x0b",  # bytes.isspace: skipped as blank
+    b"{bad",
+    b'"a string"',
+    b"[1, 2]",
+    b"null",
+    b'{"custom_id": "x1", "method": "POST", "url": "/v1/chat/completions", "body": null}',
+    b'{"custom_id": "x2", "method": "POST", "url": "/v1/chat/completions", "body": [1]}',
+    b'{"custom_id": "x3", "method": "POST", "url": "/v1/chat/completions"}',
+    b'{"method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}',
+    b"{}",
+    _row(custom_id="", method="POST", url="/v1/chat/completions", body=_BODY),
+    _row(custom_id=7, method="POST", url="/v1/chat/completions", body=_BODY),
+    _row(custom_id="g", method="GET", url="/v1/chat/completions", body=_BODY),
+    _row(custom_id="u", method="POST", url=5, body=_BODY),
+    _row(custom_id="e", method="POST", url="/v1/embeddings", body={"model": "m", "input": "x"}),
+    _row(custom_id="z", method="POST", url="/v1/images", body=_BODY),
+    _row(custom_id="az", method="POST", url="/chat/completions?api-version=1", body=_BODY),
+    _row(custom_id="nm", method="POST", url="/v1/chat/completions", body={"messages": []}),
+    _row(custom_id="em", method="POST", url="/v1/chat/completions", body={"model": ""}),
+    _row(custom_id="im", method="POST", url="/v1/chat/completions", body={"model": 3}),
+    _line("m2", model="other"),
+    _line("s1", stream=True),
+    _line("s2", stream=False),
+    _line("s3", stream=None),
+    _line("s4", stream=0),
+    _line("s5", stream="yes"),
+    _line("t1", max_tokens=100),
+    _line("t2", max_completion_tokens=50, max_tokens=100),
+    _line("t3", max_output_tokens=7),
+    _line("t4", max_tokens=True, max_output_tokens=-3),
+    _line("t5", max_tokens=1.5),
+    b'{"custom_id": "dk", "custom_id": "dk2", "method": "POST", "url": "/v1/chat/completions",'
+    b' "body": {"model": "m", "model": 5}}',  # duplicate keys: the last one counts
+    b'  {"custom_id": "ws", "method": "POST", "url": "/v1/chat/completions", "body": {"model":'
+    b' "m"}}  \r',
+    _row(
+        custom_id="caf\u00e9",
+        method="POST",
+        url="/v1/chat/completions",
+        body={"model": "m", "messages": [{"role": "user", "content": "\u00e9\u4e2d\U0001f600"}]},
+    ),
+    _row(custom_id="caf\u00e9", method="POST", url="/v1/chat/completions", body=_BODY),
+    b'{"custom_id": "bad\xff", "method": "POST", "url": "/v1/chat/completions", "body": {}}',
+    b'{"custom_id": "sur\\ud800", "method": "POST", "url": "/v1/chat/completions",'
+    b' "body": {"model": "m"}}',
+    _line("long", pad="x" * 300),
+    _line("dup"),
+]
+
+
+def _both(data: bytes, chunk: int, **kw: Any) -> tuple[Any, Any]:
+    out = []
+    for cls in (Validator, _PreciseOnly):
+        v = cls(
+            max_lines=kw.get("max_lines", 1000),
+            max_line_bytes=kw.get("max_line_bytes", 10**6),
+            shard_lines=kw.get("shard_lines", 3),
+        )
+        for i in range(0, len(data), chunk):
+            v.feed(data[i : i + chunk])
+        out.append(v.finish())
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64, 500, 10**6])
+@pytest.mark.parametrize(
+    "kw", [{}, {"max_line_bytes": 200}, {"max_lines": 20}, {"shard_lines": 1000}]
+)
+def test_fast_path_matches_the_precise_path(chunk: int, kw: dict[str, Any]) -> None:
+    data = b"\n".join(_ODD_LINES + [_line(f"ok{i}") for i in range(30)] + _ODD_LINES)
+    fast, precise = _both(data, chunk, **kw)
+    assert fast == precise
+    assert fast.issues  # the corpus has issues of every kind
+    for ending in (b"\n", b"\r\n"):
+        fast, precise = _both(data + ending, chunk, **kw)
+        assert fast == precise
+
+
+def test_fast_path_leaves_good_lines_to_no_one_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    precise = Validator._line
+
+    def spy(self: Validator, raw: bytes, start: int, end: int) -> None:
+        calls.append(raw)
+        precise(self, raw, start, end)
+
+    monkeypatch.setattr(Validator, "_line", spy)
+    good = [_line(f"c{i}", stream=False, max_tokens=5) for i in range(50)]
+    s = run(b"\n".join([*good, _line("c7"), b"", _line("c50")]), chunk=1000)
+    # The duplicate, the blank line and the last line (no newline: finish() checks it).
+    assert calls == [_line("c7"), b"", _line("c50")]
+    assert s.lines == 52 and [i.code for i in s.issues] == ["duplicate_custom_id"]
+
+
+def test_fast_path_more_than_64_models_and_urls() -> None:
+    rows = [_line(f"c{i}", model=f"m{i}", url=f"/v1/x{i}") for i in range(80)]
+    fast, precise = _both(b"\n".join(rows), 1000)
+    assert fast == precise and len(fast.models) == 64 and len(fast.urls) == 64
+
+
+def test_id_set() -> None:
+    ids = IdSet()
+    words = [f"id-{i}" for i in range(5000)] + ["", "caf\u00e9", "\ud800", "\x00", "\U0001f600"]
+    assert all(ids.add(w) for w in words)
+    assert len(ids) == len(words)
+    assert not any(ids.add(w) for w in words)
+    assert len(ids) == len(words)
+    assert all(w in ids for w in words)
+    assert "id-5000" not in ids and "caf" not in ids and "id-1" + "0" * 5 not in ids

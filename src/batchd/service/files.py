@@ -50,9 +50,10 @@ def file_error(summary: FileSummary) -> ValidationIssue | None:
 
 @dataclass(slots=True)
 class Upload:
-    """An upload in progress: the bytes go to the blob store as they arrive and through the
-    validator on a worker thread, a megabyte at a time, so a file is checked by the time its
-    last byte is stored (one streamed pass, no second read)."""
+    """An upload in progress: the bytes are gathered a megabyte at a time, then go to the
+    blob store and through the validator on a worker thread (the same buffer, not copied
+    for either), so a file is checked by the time its last byte is stored (one streamed
+    pass, no second read)."""
 
     file_id: str
     filename: str
@@ -63,27 +64,34 @@ class Upload:
     _pending_bytes: int = 0
 
     async def write(self, chunk: bytes) -> None:
-        if self.writer.written + len(chunk) > self.max_bytes:
+        if self.writer.written + self._pending_bytes + len(chunk) > self.max_bytes:
             raise TooLarge(
                 f"File is larger than the limit of {self.max_bytes} bytes.",
                 code="file_too_large",
                 param="file",
             )
-        await self.writer.write(chunk)
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
         if self._pending_bytes >= VALIDATE_CHUNK:
-            await self._validate_pending()
+            await self._flush()
 
-    async def _validate_pending(self) -> None:
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
+        await self.writer.write(data)
         await anyio.to_thread.run_sync(self.validator.feed, data)
 
     async def summary(self) -> FileSummary:
-        await self._validate_pending()
+        await self._flush()
         return await anyio.to_thread.run_sync(self.validator.finish)
+
+    async def commit(self) -> int:
+        """Store what is pending and commit the blob; its size."""
+        await self._flush()
+        return await self.writer.commit()
 
 
 class FileService:
@@ -142,7 +150,7 @@ class FileService:
                 param="file",
             )
         summary = await upload.summary() if purpose == PURPOSE_BATCH else None
-        size = await upload.writer.commit()
+        size = await upload.commit()
         created = now()
         if expires_after is None and purpose == PURPOSE_BATCH:
             expires_after = DEFAULT_INPUT_EXPIRY

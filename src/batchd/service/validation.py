@@ -3,7 +3,12 @@
 It finds every bad line (up to :data:`MAX_ISSUES`), records what the batch checks need (the
 urls and models used, with the lines that use them) and cuts the file into shards: byte
 ranges of whole lines that the engine claims. Memory: the custom ids seen (to find
-duplicates) and one line at a time. It runs on a worker thread; the caller feeds chunks.
+duplicates, in an :class:`IdSet`: about 30 bytes an id) and the chunk being fed. It runs on
+a worker thread; the caller feeds chunks.
+
+Speed: a line is decoded twice (the line with its body as raw bytes, then the body's head):
+measured faster than one decode into nested structs. Nearly every line takes the fast path
+(typed structs, no issue); the others go through the precise path that words each issue.
 
 Codes checked here (endpoint-independent): ``invalid_json_line``, ``missing_required_parameter``,
 ``invalid_request``, ``duplicate_custom_id``, ``streaming_unsupported``, ``model_mismatch``,
@@ -12,7 +17,8 @@ Codes checked here (endpoint-independent): ``invalid_json_line``, ``missing_requ
 
 from __future__ import annotations
 
-from typing import Any
+from array import array
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -41,11 +47,98 @@ class BodyHead(msgspec.Struct):
     max_output_tokens: Any = None
 
 
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _GoodLine(msgspec.Struct):
+    """An input line as the fast path accepts it: every check that msgspec can do in C is
+    in the types; a line that does not decode into it goes through the precise path."""
+
+    custom_id: _NonEmpty
+    method: Literal["POST"]
+    url: str
+    body: msgspec.Raw
+
+
+class _GoodHead(msgspec.Struct):
+    """The body's head as the fast path accepts it (``stream`` is checked in Python: only
+    ``None`` and ``False`` pass)."""
+
+    model: _NonEmpty
+    stream: Any = None
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+    max_output_tokens: Any = None
+
+
 _line_decoder = msgspec.json.Decoder(InputLine)
 _body_decoder = msgspec.json.Decoder(BodyHead)
+_good_line_decoder = msgspec.json.Decoder(_GoodLine)
+_good_head_decoder = msgspec.json.Decoder(_GoodHead)
 
 
-def _max_out(head: BodyHead) -> int:
+class IdSet:
+    """An exact set of strings (the custom ids seen) in about 30 bytes each, where a ``set``
+    of ``str`` takes about 100 (a 100,000-line file: 3 MiB instead of 9.7). The strings are
+    stored UTF-8 encoded end to end in one ``bytearray``; an open-addressing table (linear
+    probing, at most half full) holds their numbers."""
+
+    __slots__ = ("_blob", "_ends", "_mask", "_slots")
+
+    def __init__(self) -> None:
+        self._blob = bytearray()
+        self._ends = array("Q", [0])  # string k (1-based) is blob[ends[k - 1]:ends[k]]
+        self._mask = 1023
+        self._slots = array("I", bytes(4 * (self._mask + 1)))  # 0: free, else k
+
+    def __len__(self) -> int:
+        return len(self._ends) - 1
+
+    def _slot(self, item: str, h: int) -> int:
+        """The slot that holds ``item``, else the free slot where it goes."""
+        data = item.encode("utf-8", "surrogatepass")
+        blob, ends, mask, slots = self._blob, self._ends, self._mask, self._slots
+        i = h & mask
+        k = slots[i]
+        while k and blob[ends[k - 1] : ends[k]] != data:
+            i = (i + 1) & mask
+            k = slots[i]
+        return i
+
+    def __contains__(self, item: str) -> bool:
+        return self._slots[self._slot(item, hash(item))] != 0
+
+    def add(self, item: str) -> bool:
+        """Add ``item``; False (and nothing changes) when it is in the set already."""
+        h = hash(item)
+        slots = self._slots
+        i = h & self._mask
+        if slots[i]:  # taken: probe (a free first slot, the common case, costs no call)
+            i = self._slot(item, h)
+            if slots[i]:
+                return False
+        blob = self._blob
+        blob += item.encode("utf-8", "surrogatepass")
+        ends = self._ends
+        ends.append(len(blob))
+        k = slots[i] = len(ends) - 1
+        if k * 2 > self._mask:
+            self._grow()
+        return True
+
+    def _grow(self) -> None:
+        blob, ends = self._blob, self._ends
+        mask = self._mask * 4 + 3
+        slots = array("I", bytes(4 * (mask + 1)))
+        for k in range(1, len(ends)):
+            i = hash(blob[ends[k - 1] : ends[k]].decode("utf-8", "surrogatepass")) & mask
+            while slots[i]:
+                i = (i + 1) & mask
+            slots[i] = k
+        self._mask, self._slots = mask, slots
+
+
+def _max_out(head: BodyHead | _GoodHead) -> int:
     for v in (head.max_completion_tokens, head.max_tokens, head.max_output_tokens):
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
@@ -60,7 +153,7 @@ class Validator:
         self._max_lines = max_lines
         self._max_line_bytes = max_line_bytes
         self._shard_lines = shard_lines
-        self._custom_ids: set[str] = set()
+        self._custom_ids = IdSet()
         self._tail = b""
         self._offset = 0  # offset of the first byte of self._tail
         self._line_no = 0  # physical lines seen (1-based numbering, blank lines count)
@@ -91,18 +184,109 @@ class Validator:
 
     # -- the pass ----------------------------------------------------------------------
     def feed(self, chunk: bytes) -> None:
-        data = self._tail + chunk if self._tail else chunk
-        start = 0
-        while True:
-            nl = data.find(b"\n", start)
-            if nl < 0:
-                break
-            self._line(data[start:nl], self._offset + start, self._offset + nl + 1)
-            start = nl + 1
-        self._offset += start
-        self._tail = data[start:]
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            self._tail += chunk
+        else:
+            start = 0
+            if self._tail:  # the line that runs across the chunks
+                start = chunk.find(b"\n") + 1
+                self._lines(self._tail + chunk[:start], 0, start + len(self._tail))
+            self._lines(chunk, start, last + 1)
+            self._tail = chunk[last + 1 :]
         if len(self._tail) > self._max_line_bytes and not self._too_long:
             self._too_long = True
+
+    def _lines(self, buf: bytes, start: int, stop: int) -> None:  # noqa: C901 - one tight loop
+        """Check the whole lines of ``buf[start:stop]`` (which ends with ``\\n``); they
+        follow each other from ``self._offset``. A line that is well-formed and raises no
+        issue (nearly all of them) is checked here with one decode of the line and one of
+        its body, into typed structs, on a view of ``buf`` (no copy); any other line goes
+        through :meth:`_line`, the precise path that words every issue, with nothing
+        recorded here for it first: the result is the same as :meth:`_line` for every line."""
+        s = self.summary
+        add_id = self._custom_ids.add
+        urls = self._urls
+        url_table, model_table = s.urls, s.models
+        max_bytes = self._max_line_bytes
+        max_lines = self._max_lines
+        shard_lines = self._shard_lines
+        decode_line = _good_line_decoder.decode
+        decode_head = _good_head_decoder.decode
+        fast_errors = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
+        ascii_only = buf.isascii()
+        find = buf.find
+        view = memoryview(buf)
+        base = self._offset - start  # a line's offset in the file: its index in buf + base
+        n = self._line_no
+        count, tokens = s.lines, s.token_estimate  # kept here, written back for _line
+        last_url: str | None = None  # the previous line's url and model, with their entries
+        last_model: str | None = None
+        url_entry: list[int] | None = None
+        model_entry: list[int] | None = None
+        while start < stop:
+            nl = find(b"\n", start, stop)
+            end = base + nl + 1
+            raw = view[start:nl]
+            line = head = None
+            n += 1
+            if nl - start <= max_bytes and count < max_lines:
+                try:
+                    if not ascii_only:
+                        str(raw, "utf-8")  # a UnicodeDecodeError: the precise path words it
+                    line = decode_line(raw)
+                    head = decode_head(line.body)
+                except fast_errors:
+                    line = None
+            if (
+                line is None
+                or head is None
+                or (head.stream is not None and head.stream is not False)
+                or not add_id(line.custom_id)  # last: a line that gets here is committed
+            ):
+                self._line_no = n - 1
+                s.lines, s.token_estimate = count, tokens
+                self._line(bytes(raw), base + start, end)
+                count, tokens = s.lines, s.token_estimate
+                start = nl + 1
+                continue
+            count += 1
+            shard = self._shard
+            if shard and shard[2] < shard_lines and end - shard[0] <= SHARD_MAX_BYTES:
+                shard[2] += 1  # _add_to_shard's common case, inline
+                self._shard_end = end
+            else:
+                self._add_to_shard(base + start, end, n)
+            url = line.url
+            if url_entry is not None and url == last_url:  # _remember's common case, inline
+                url_entry[0] += 1
+                if len(url_entry) <= MAX_LINES_PER_KEY:
+                    url_entry.append(n)
+            else:
+                canonical = urls.get(url)
+                if canonical is None:
+                    canonical = urls[url] = normalise_endpoint(url) or url
+                self._remember(url_table, canonical, n)
+                last_url, url_entry = url, url_table.get(canonical)
+            model = head.model
+            if model_entry is not None and model == last_model:
+                model_entry[0] += 1
+                if len(model_entry) <= MAX_LINES_PER_KEY:
+                    model_entry.append(n)
+            else:
+                self._remember(model_table, model, n)
+                last_model, model_entry = model, model_table.get(model)
+            tokens += len(line.body) // 4
+            if not (
+                head.max_completion_tokens is None
+                and head.max_tokens is None
+                and head.max_output_tokens is None
+            ):
+                tokens += _max_out(head)
+            start = nl + 1
+        s.lines, s.token_estimate = count, tokens
+        self._line_no = n
+        self._offset = base + stop
 
     def finish(self) -> FileSummary:
         if self._tail:
@@ -188,15 +372,13 @@ class Validator:
                 self._issue(
                     "invalid_request", f"Line {n}: custom_id must be a string.", n, "custom_id"
                 )
-            elif cid in self._custom_ids:
+            elif not self._custom_ids.add(cid):
                 self._issue(
                     "duplicate_custom_id",
                     f"Line {n}: custom_id {cid!r} is used more than once.",
                     n,
                     "custom_id",
                 )
-            else:
-                self._custom_ids.add(cid)
         if method is not msgspec.UNSET and method != "POST":
             self._issue("invalid_request", f"Line {n}: method must be 'POST'.", n, "method")
         if url is not msgspec.UNSET:
