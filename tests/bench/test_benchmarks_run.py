@@ -19,6 +19,7 @@ BENCHES = [
     "scaling",
     "local_model",
     "scale_out",
+    "litellm_compare",
 ]
 
 
