@@ -17,8 +17,8 @@ def _line(cid: str, model: str = "m", url: str = "/v1/chat/completions", **body:
     return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": b}).encode()
 
 
-def run(data: bytes, chunk: int = 7, **kw: Any) -> Any:
-    v = Validator(
+def run(data: bytes, chunk: int = 7, cls: type[Validator] = Validator, **kw: Any) -> Any:
+    v = cls(
         max_lines=kw.get("max_lines", 1000),
         max_line_bytes=kw.get("max_line_bytes", 10**6),
         shard_lines=kw.get("shard_lines", 3),
@@ -171,17 +171,7 @@ _ODD_LINES = [
 
 
 def _both(data: bytes, chunk: int, **kw: Any) -> tuple[Any, Any]:
-    out = []
-    for cls in (Validator, _PreciseOnly):
-        v = cls(
-            max_lines=kw.get("max_lines", 1000),
-            max_line_bytes=kw.get("max_line_bytes", 10**6),
-            shard_lines=kw.get("shard_lines", 3),
-        )
-        for i in range(0, len(data), chunk):
-            v.feed(data[i : i + chunk])
-        out.append(v.finish())
-    return out[0], out[1]
+    return run(data, chunk, **kw), run(data, chunk, _PreciseOnly, **kw)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64, 500, 10**6])
