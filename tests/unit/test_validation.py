@@ -9,7 +9,8 @@ import pytest
 
 from batchd.backends.base import normalise_endpoint
 from batchd.models import new_id
-from batchd.service.validation import IdSet, Validator, mismatched_lines
+from batchd.service.idset import IdSet
+from batchd.service.validation import Validator, mismatched_lines
 
 
 def _line(cid: str, model: str = "m", url: str = "/v1/chat/completions", **body: Any) -> bytes:
