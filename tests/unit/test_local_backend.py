@@ -177,6 +177,13 @@ async def test_responses_endpoint(chat: LocalBackend) -> None:
         ("/v1/completions", b'{"prompt": 5}', "prompt"),
         ("/v1/responses", b'{"input": []}', "input"),
         ("/v1/embeddings", b'{"input": "hi"}', "model"),
+        ("/v1/chat/completions", _chat_body("hi", top_logprobs=2), "top_logprobs"),
+        ("/v1/chat/completions", _chat_body("hi", logprobs=True, top_logprobs=21), "top_logprobs"),
+        ("/v1/chat/completions", _chat_body("hi", logit_bias={"12": 101}), "logit_bias"),
+        ("/v1/chat/completions", _chat_body("hi", logit_bias={"x": 1}), "logit_bias"),
+        ("/v1/chat/completions", _chat_body("hi", logit_bias={"99999999": 1}), "logit_bias"),
+        ("/v1/chat/completions", _chat_body("hi", frequency_penalty=3), "frequency_penalty"),
+        ("/v1/completions", b'{"prompt": "a", "logprobs": 6}', "logprobs"),
     ],
 )
 async def test_bad_bodies_get_a_400(
@@ -268,3 +275,49 @@ def test_blas_threads_take_the_largest_limit_asked_for() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.split() == ["[1]", "[2]", "[2]"]
+
+
+async def test_chat_logprobs_are_the_models_own(chat: LocalBackend) -> None:
+    answer = await _ask(chat, FRANCE, logprobs=True, top_logprobs=3)
+    (choice,) = answer["choices"]
+    content = choice["logprobs"]["content"]
+    assert len(content) == answer["usage"]["completion_tokens"]  # "stop": no token cut
+    assert bytes(b for t in content for b in t["bytes"]).decode() == choice["message"]["content"]
+    for token in content:
+        assert token["logprob"] <= 0
+        top = token["top_logprobs"]
+        assert len(top) == 3
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        # temperature 0 takes the most likely token
+        assert (top[0]["token"], top[0]["logprob"]) == (token["token"], token["logprob"])
+    plain = await _ask(chat, FRANCE)
+    assert plain["choices"][0]["logprobs"] is None
+    assert plain["choices"][0]["message"]["content"] == choice["message"]["content"]
+
+
+async def test_completion_logprobs_line_up_with_the_text(chat: LocalBackend) -> None:
+    body = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0,
+            "logprobs": 2, "echo": True}
+    (choice,) = (await _send(chat, "/v1/completions", body))["choices"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+    assert choice["text"] == "The capital of France is" + "".join(lp["tokens"])
+    assert lp["text_offset"][0] == len("The capital of France is")
+    pairs = zip(lp["tokens"], lp["top_logprobs"], strict=True)
+    assert all(len(top) <= 2 and token in top for token, top in pairs)
+
+
+async def test_logit_bias_and_penalties_steer_the_tokens(chat: LocalBackend) -> None:
+    async def tokens(**extra: Any) -> list[str]:
+        body = {"prompt": "1, 2, 3, 1, 2, 3, 1, 2, 3,", "max_tokens": 12, "temperature": 0,
+                "logprobs": 0, **extra}
+        answer = await _send(chat, "/v1/completions", body)
+        found: list[str] = answer["choices"][0]["logprobs"]["tokens"]
+        return found
+
+    plain = await tokens()
+    forced = await tokens(logit_bias={"1000": 100})
+    assert len(forced) == 12 and len(set(forced)) == 1 and forced != plain
+    penalised = await tokens(frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalised != plain
+    assert max(map(penalised.count, penalised)) < max(map(plain.count, plain))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from batchd.localmodel.sampling import Sampler, SamplingParams, sample_rows
+from batchd.localmodel.sampling import Sampler, SamplingParams, sample_rows, token_logprob
 
 
 def _logits(seed: int = 0, vocab: int = 1000) -> np.ndarray:
@@ -56,3 +57,25 @@ def test_sample_rows_mixes_greedy_and_sampled_rows() -> None:
     )
     assert rows[0] == int(np.argmax(logits[0]))
     assert rows[1] == Sampler(SamplingParams(seed=5)).sample(logits[1])
+
+
+def test_logit_bias_and_penalties_adjust_the_logits() -> None:
+    logits = np.array([1.0, 3.0, 2.0, 0.5], dtype=np.float32)
+    biased = Sampler(SamplingParams(temperature=0, logit_bias=((3, 10.0),)))
+    assert biased.choose(logits) == 3
+    sampler = Sampler(SamplingParams(temperature=0, frequency_penalty=0.6, presence_penalty=0.5))
+    assert sample_rows(logits[None, :], [sampler]) == [1]  # nothing generated yet
+    # token 1 once: 3.0 - 0.6 - 0.5 = 1.9 < 2.0
+    assert sample_rows(logits[None, :], [sampler]) == [2]
+    np.testing.assert_allclose(sampler.adjusted(logits), [1.0, 1.9, 0.9, 0.5], rtol=1e-6)
+    assert logits.tolist() == [1.0, 3.0, 2.0, 0.5]  # the model's logits are left as they were
+
+
+def test_token_logprob_is_a_log_softmax() -> None:
+    logits = np.array([2.0, 1.0, 0.0, -1.0], dtype=np.float32)
+    token, logprob, top = token_logprob(logits, 1, 2)
+    expected = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    assert token == 1 and logprob == pytest.approx(expected[1])
+    assert [t for t, _ in top] == [0, 1]
+    assert [lp for _, lp in top] == pytest.approx([expected[0], expected[1]])
+    assert token_logprob(logits, 3, 0)[2] == ()

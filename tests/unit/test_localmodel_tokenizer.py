@@ -75,3 +75,13 @@ def test_bad_messages_name_the_param(messages: list[Any], param: str) -> None:
     with pytest.raises(MessageError) as info:
         render_chat(messages, None)
     assert info.value.param == param
+
+
+def test_token_bytes_join_to_the_text() -> None:
+    tok = smollm2().tokenizer
+    text = "Café déjà vu — 東京 🙂 x² <|im_end|>"
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    # some tokens hold part of a character: their bytes are not valid UTF-8 alone
+    partial = [i for i in ids if "\ufffd" in tok.token_bytes(i).decode("utf-8", "replace")]
+    assert partial

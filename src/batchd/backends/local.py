@@ -232,6 +232,7 @@ class LocalBackend(Backend):
                     max_tokens=request.max_tokens,
                     sampling=request.sampling_for(index),
                     stop=request.stop,
+                    logprobs=request.logprobs,
                 )
                 scheduler.submit(job)
                 return job
@@ -280,7 +281,7 @@ class LocalBackend(Backend):
             {
                 "index": i,
                 "message": {"role": "assistant", "content": r.text, "refusal": None},
-                "logprobs": None,
+                "logprobs": _chat_logprobs(r),
                 "finish_reason": r.finish_reason,
             }
             for i, r in enumerate(results)
@@ -304,8 +305,14 @@ class LocalBackend(Backend):
             text = r.text
             if request.echo and isinstance(prompt, str):
                 text = prompt + text
+            offset = len(text) - len(r.text)  # the echoed prompt comes first
             choices.append(
-                {"index": i, "text": text, "logprobs": None, "finish_reason": r.finish_reason}
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": _completion_logprobs(r, offset),
+                    "finish_reason": r.finish_reason,
+                }
             )
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -362,6 +369,48 @@ def _usage(request: GenerationRequest, results: list[GenerationResult]) -> dict[
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+    }
+
+
+def _token(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def _chat_logprobs(r: GenerationResult) -> dict[str, Any] | None:
+    """Chat's ``choices[].logprobs``: per token its text, bytes and log probability, with
+    the most likely tokens of that step."""
+    if r.logprobs is None:
+        return None
+    content = [
+        {
+            "token": _token(data),
+            "logprob": logprob,
+            "bytes": list(data),
+            "top_logprobs": [
+                {"token": _token(alt), "logprob": alt_lp, "bytes": list(alt)}
+                for alt, alt_lp in alternatives
+            ],
+        }
+        for data, logprob, alternatives in r.logprobs
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(r: GenerationResult, offset: int) -> dict[str, Any] | None:
+    """Completions' ``choices[].logprobs``: parallel lists of tokens, their log probabilities,
+    the most likely tokens of each step and each token's offset in the text."""
+    if r.logprobs is None:
+        return None
+    tokens, offsets = [], []
+    for data, _, _ in r.logprobs:
+        offsets.append(offset)
+        tokens.append(_token(data))
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [logprob for _, logprob, _ in r.logprobs],
+        "top_logprobs": [{_token(a): lp for a, lp in alts} for _, _, alts in r.logprobs],
+        "text_offset": offsets,
     }
 
 

@@ -2,7 +2,8 @@
 
 Every refusal is a :class:`BadRequest` carrying the ``param`` it is about; the backend turns it
 into a 400 with OpenAI's error envelope. Parameters that change nothing for this model
-(``user``, ``logprobs`` ...) are accepted and ignored, as OpenAI-compatible servers commonly do.
+(``user``, ``metadata`` of chat ...) are accepted and ignored, as OpenAI-compatible servers
+commonly do.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from batchd.localmodel.sampling import SamplingParams
 MAX_N = 16
 MAX_STOP = 4
 MAX_EMBEDDING_INPUTS = 2048
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs; completions' logprobs allows 5
 EMBEDDING_DIMENSIONS = 384
 
 Prompt = str | list[int] | list[dict[str, Any]]
@@ -37,6 +40,10 @@ class GenerationRequest:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: not asked for; else how many alternatives a token
     n: int = 1
     stop: tuple[str, ...] = ()
     echo: bool = False
@@ -46,7 +53,14 @@ class GenerationRequest:
     def sampling_for(self, index: int) -> SamplingParams:
         """The sampling of choice ``index`` (seeded choices get distinct seeds)."""
         seed = None if self.seed is None else self.seed + index
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=seed)
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=seed,
+            logit_bias=self.logit_bias,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +119,44 @@ def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
         "seed": seed,
+        "logit_bias": _logit_bias(body),
+        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
     }
+
+
+def _logit_bias(body: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
+    """``{"token id": bias}`` with biases in [-100, 100]; the ids are checked against the
+    vocabulary once the model is loaded."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise BadRequest(
+            f"logit_bias must be an object of up to {MAX_LOGIT_BIAS} token ids", param="logit_bias"
+        )
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else None
+        if token is None:
+            raise BadRequest(f"logit_bias: {key!r} is not a token id", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) > 100:
+            raise BadRequest(
+                f"logit_bias: the bias of token {key} must be a number between -100 and 100",
+                param="logit_bias",
+            )
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise BadRequest("logprobs must be a boolean", param="logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def parse_chat(body: Mapping[str, Any]) -> GenerationRequest:
@@ -121,6 +172,7 @@ def parse_chat(body: Mapping[str, Any]) -> GenerationRequest:
         kind="chat",
         prompts=[messages],
         max_tokens=max_tokens,
+        logprobs=_chat_logprobs(body),
         n=_integer(body, "n", 1, MAX_N) or 1,
         stop=_stop(body),
         **_sampling(body),
@@ -152,6 +204,7 @@ def parse_completions(body: Mapping[str, Any]) -> GenerationRequest:
         kind="completion",
         prompts=prompts,
         max_tokens=16 if max_tokens is None else max(max_tokens, 1),  # OpenAI's default: 16
+        logprobs=_integer(body, "logprobs", 0, 5),
         n=_integer(body, "n", 1, MAX_N) or 1,
         stop=_stop(body),
         echo=bool(body.get("echo")),

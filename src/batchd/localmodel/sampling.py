@@ -1,5 +1,7 @@
 """Choosing the next token: greedy at temperature 0, else temperature and nucleus (top-p)
-sampling from a per-request generator, seeded when the request has a ``seed``."""
+sampling from a per-request generator, seeded when the request has a ``seed``; before either,
+``logit_bias`` and the presence and frequency penalties adjust the logits as OpenAI
+documents them. Log probabilities are the model's own (before any adjustment)."""
 
 from __future__ import annotations
 
@@ -16,15 +18,31 @@ from batchd.localmodel.gguf_loader import F32
 _NUCLEUS_CANDIDATES = 256
 
 
+# A generated token's log probability: (token id, log probability, the ``top`` most likely
+# tokens at that step with theirs, most likely first).
+TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), added to the logits
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def adjusts(self) -> bool:
+        return bool(self.logit_bias) or self.penalised
 
 
 class Sampler:
@@ -33,8 +51,35 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
+        self._bias_ids = np.array([i for i, _ in params.logit_bias], dtype=np.intp)
+        self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)
+        self._counts: dict[int, int] = {}  # generated tokens, for the penalties
+
+    def choose(self, logits: F32) -> int:
+        """The next token from this step's logits (one row)."""
+        return self.sample(self.adjusted(logits) if self.params.adjusts else logits)
+
+    def observe(self, token: int) -> None:
+        """Record a generated token (the penalties count them)."""
+        if self.params.penalised:
+            self._counts[token] = self._counts.get(token, 0) + 1
+
+    def adjusted(self, logits: F32) -> F32:
+        """A copy of ``logits`` with the bias added and, for each token generated so far ``c``
+        times, ``c * frequency_penalty + presence_penalty`` taken off."""
+        p = self.params
+        out = np.array(logits, dtype=np.float32)
+        if self._bias_ids.size:
+            out[self._bias_ids] += self._bias
+        if self._counts:
+            n = len(self._counts)
+            ids = np.fromiter(self._counts.keys(), dtype=np.intp, count=n)
+            counts = np.fromiter(self._counts.values(), dtype=np.float32, count=n)
+            out[ids] -= counts * np.float32(p.frequency_penalty) + np.float32(p.presence_penalty)
+        return out
 
     def sample(self, logits: F32) -> int:
+        """The most likely token at temperature 0, else temperature and top-p sampling."""
         p = self.params
         if p.greedy:
             return int(np.argmax(logits))
@@ -68,10 +113,27 @@ def _nucleus(probs: npt.NDArray[np.float64], top_p: float) -> npt.NDArray[np.int
 
 
 def sample_rows(logits: F32, samplers: Sequence[Sampler]) -> list[int]:
-    """The next token of each row; greedy rows share one vectorised argmax."""
+    """The next token of each row; plain greedy rows share one vectorised argmax."""
     choices = np.argmax(logits, axis=1)
     out = [int(c) for c in choices]
     for row, sampler in enumerate(samplers):
-        if not sampler.params.greedy:
-            out[row] = sampler.sample(logits[row])
+        p = sampler.params
+        if not p.greedy or p.adjusts:
+            out[row] = sampler.choose(logits[row])
+        sampler.observe(out[row])
     return out
+
+
+def token_logprob(logits: F32, token: int, top: int) -> TokenLogprob:
+    """The log probability of ``token`` under this step's logits (the model's distribution,
+    before any bias, penalty or temperature) and the ``top`` most likely tokens'."""
+    row = logits.astype(np.float64)
+    row -= row.max()
+    row -= np.log(np.exp(row).sum())
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        k = min(top, row.size)
+        best = np.argpartition(-row, k - 1)[:k]
+        best = best[np.argsort(-row[best], kind="stable")]
+        alternatives = tuple((int(i), float(row[i])) for i in best)
+    return token, float(row[token]), alternatives

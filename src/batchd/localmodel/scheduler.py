@@ -15,7 +15,14 @@ from pathlib import Path
 
 from batchd.localmodel.gguf_loader import F32, load_gguf
 from batchd.localmodel.llama import KVCache, Llama, SeqChunk
-from batchd.localmodel.sampling import Sampler, SamplingParams, sample_rows
+from batchd.localmodel.requests import BadRequest
+from batchd.localmodel.sampling import (
+    Sampler,
+    SamplingParams,
+    TokenLogprob,
+    sample_rows,
+    token_logprob,
+)
 from batchd.localmodel.tokenizer import BpeTokenizer
 from batchd.localmodel.worker import ModelWorker
 
@@ -37,6 +44,10 @@ def load_llm(path: Path) -> LoadedLlm:
     )
 
 
+# (token bytes, log probability, ((bytes, log probability) of the most likely tokens, ...))
+ByteLogprob = tuple[bytes, float, tuple[tuple[bytes, float], ...]]
+
+
 class PromptTooLong(ValueError):
     def __init__(self, tokens: int, limit: int) -> None:
         super().__init__(
@@ -53,6 +64,9 @@ class GenerationResult:
     token_ids: tuple[int, ...]
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
+    # When asked for: per token of ``text``, its bytes and log probability, and the most
+    # likely tokens' (see :func:`batchd.localmodel.sampling.token_logprob`).
+    logprobs: tuple[ByteLogprob, ...] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -69,6 +83,7 @@ class GenerationJob:
     max_tokens: int | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: not asked for; else alternatives a token
     cancelled: bool = False  # set by the caller (any thread) when it stops waiting
 
 
@@ -83,6 +98,7 @@ class _Sequence:
     position: int = 0  # position of pending[0]
     generated: list[int] = field(default_factory=list)
     stop_text: str | None = None  # the text cut at a stop string, once one is seen
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the job asks
     save_prefix: tuple[int, ...] | None = None  # keep this prompt prefix's keys/values
 
 
@@ -141,6 +157,7 @@ class GenerationScheduler(ModelWorker[LoadedLlm, GenerationJob]):
                 continue
             try:
                 prompt = job.build_prompt(llm) or [llm.tokenizer.eos_id]
+                _check_bias(job.sampling, llm.tokenizer.vocab_size)
             except Exception as exc:
                 job.on_done(exc)
                 continue
@@ -246,7 +263,9 @@ class GenerationScheduler(ModelWorker[LoadedLlm, GenerationJob]):
         self.steps += 1
         self._save_prefixes(seqs)
         tokens = sample_rows(logits, [s.sampler for s in seqs])
-        for seq, token in zip(seqs, tokens, strict=True):
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            if seq.job.logprobs is not None and token not in model.tokenizer.special_ids:
+                seq.logprobs.append(token_logprob(logits[row], token, seq.job.logprobs))
             seq.position += len(seq.pending)
             seq.pending = [token]
             reason = self._advance(model.tokenizer, seq, token)
@@ -280,4 +299,30 @@ class GenerationScheduler(ModelWorker[LoadedLlm, GenerationJob]):
             token_ids=tuple(seq.generated),
             finish_reason=reason,
             prompt_tokens=seq.prompt_tokens,
+            logprobs=None if seq.job.logprobs is None else _byte_logprobs(tokenizer, seq, text),
         )
+
+
+def _check_bias(sampling: SamplingParams, vocab_size: int) -> None:
+    if sampling.logit_bias and sampling.logit_bias[-1][0] >= vocab_size:
+        raise BadRequest(
+            f"logit_bias: token {sampling.logit_bias[-1][0]} is not in this model's vocabulary "
+            f"(ids 0 to {vocab_size - 1})",
+            param="logit_bias",
+        )
+
+
+def _byte_logprobs(tokenizer: BpeTokenizer, seq: _Sequence, text: str) -> tuple[ByteLogprob, ...]:
+    """The log probabilities of the tokens of ``text``: a token that runs into a stop string
+    (cut from the text) is left out with those after it."""
+    room = len(text.encode("utf-8"))
+    out: list[ByteLogprob] = []
+    for token, logprob, alternatives in seq.logprobs:
+        data = tokenizer.token_bytes(token)
+        room -= len(data)
+        if room < 0:
+            break
+        out.append(
+            (data, logprob, tuple((tokenizer.token_bytes(t), lp) for t, lp in alternatives))
+        )
+    return tuple(out)

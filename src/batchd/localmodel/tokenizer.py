@@ -16,6 +16,19 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 _CONTROL = 3
 
 
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte value."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
 class BpeTokenizer:
     """Encode text to ids and decode ids to text, special tokens included."""
 
@@ -45,6 +58,8 @@ class BpeTokenizer:
         self.eos_id = int(metadata.get("tokenizer.ggml.eos_token_id", 0))
         self.bos_id = int(metadata.get("tokenizer.ggml.bos_token_id", 0))
         self._ids = vocab
+        self._tokens = tokens
+        self._byte_of_char: dict[str, int] | None = None
 
     def token_id(self, token: str) -> int | None:
         return self._ids.get(token)
@@ -55,6 +70,16 @@ class BpeTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a token may hold part of a UTF-8 character)."""
+        text = self._tokens[token]
+        if token in self.special_ids:
+            return text.encode("utf-8")
+        if self._byte_of_char is None:
+            self._byte_of_char = _byte_of_char()
+        table = self._byte_of_char
+        return bytes(table[c] for c in text)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` with special tokens left out."""
