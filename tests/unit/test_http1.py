@@ -13,6 +13,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,6 +104,16 @@ async def raw() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[RawServer, 
         await s.stop()
 
 
+@contextlib.asynccontextmanager
+async def _backend(url: str, **kw: Any) -> AsyncIterator[HTTP1Backend]:
+    """An HTTP1Backend for the test's length, closed after it."""
+    b = HTTP1Backend(url, **kw)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
 def answer(body: bytes, *extra: str, status: str = "200 OK") -> bytes:
     head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *extra]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
@@ -111,8 +122,7 @@ def answer(body: bytes, *extra: str, status: str = "200 OK") -> bytes:
 # -- against the fake upstream ----------------------------------------------------------------
 async def test_fake_upstream_roundtrip_and_base_with_v1(upstream: Upstream) -> None:
     for base in (upstream.url, upstream.v1, upstream.v1 + "/"):
-        b = HTTP1Backend(base, api_key="sk-x", max_concurrency=4)
-        try:
+        async with _backend(base, api_key="sk-x", max_concurrency=4) as b:
             body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
             r = await b.send(CHAT, body.encode(), time_limit=10)
             assert r.status_code == 200
@@ -120,8 +130,6 @@ async def test_fake_upstream_roundtrip_and_base_with_v1(upstream: Upstream) -> N
             assert data["choices"][0]["message"]["content"]
             assert r.request_id
             assert r.retry_after is None
-        finally:
-            await b.close()
 
 
 async def test_fake_upstream_429_retry_after(upstream: Upstream) -> None:
@@ -168,12 +176,9 @@ async def test_request_bytes_and_body_exact(
             await writer.drain()
 
     server, url = await raw(handler)
-    b = HTTP1Backend(url + "/prefix/v1", api_key="sk-k", max_concurrency=2)
-    try:
+    async with _backend(url + "/prefix/v1", api_key="sk-k", max_concurrency=2) as b:
         r = await b.send("/v1/embeddings", sent, time_limit=5)
         r2 = await b.send("/v1/embeddings", sent, time_limit=5)
-    finally:
-        await b.close()
     assert r.body == reply and r2.body == reply
     assert r.request_id == "rid-1"
     assert r.retry_after == 1.5
@@ -206,14 +211,11 @@ async def test_chunked_and_gzip(raw: Callable[..., Awaitable[tuple[RawServer, st
         await read_request(reader)
 
     server, url = await raw(handler)
-    b = HTTP1Backend(url, api_key=None, max_concurrency=1)
-    try:
+    async with _backend(url, api_key=None, max_concurrency=1) as b:
         r = await b.send(CHAT, b"{}", time_limit=5)
         assert r.status_code == 200 and r.body == payload
         r = await b.send(CHAT, b"{}", time_limit=5)
         assert r.status_code == 400 and r.body == payload
-    finally:
-        await b.close()
     assert server.connections == 1
 
 
@@ -230,13 +232,10 @@ async def test_connection_close_and_http10(
         await writer.drain()
 
     server, url = await raw(handler)
-    b = HTTP1Backend(url, api_key=None, max_concurrency=1)
-    try:
+    async with _backend(url, api_key=None, max_concurrency=1) as b:
         assert (await b.send(CHAT, b"{}", time_limit=5)).body == b"one"
         assert (await b.send(CHAT, b"{}", time_limit=5)).body == b"two"
         assert (await b.send(CHAT, b"{}", time_limit=5)).body == b"two"
-    finally:
-        await b.close()
     assert server.connections == 3
 
 
@@ -250,13 +249,10 @@ async def test_idle_connection_closed_by_server_is_retried_once(
         await asyncio.sleep(0.05)  # then closed while idle (a keep-alive timeout)
 
     server, url = await raw(handler)
-    b = HTTP1Backend(url, api_key=None, max_concurrency=1)
-    try:
+    async with _backend(url, api_key=None, max_concurrency=1) as b:
         assert (await b.send(CHAT, b"{}", time_limit=5)).body == b"ok"
         await asyncio.sleep(0.2)
         assert (await b.send(CHAT, b"{}", time_limit=5)).body == b"ok"
-    finally:
-        await b.close()
     assert server.connections == 2
 
 
@@ -277,12 +273,9 @@ async def test_idle_close_race_on_open_socket_is_retried(
             await writer.drain()
 
     server, url = await raw(handler)
-    b = HTTP1Backend(url, api_key=None, max_concurrency=1)
-    try:
+    async with _backend(url, api_key=None, max_concurrency=1) as b:
         assert (await b.send(CHAT, b"{}", time_limit=5)).body == b"ok"
         assert (await b.send(CHAT, b"{}", time_limit=5)).body == b"ok"
-    finally:
-        await b.close()
     assert server.connections == 2
 
 
@@ -293,12 +286,9 @@ async def test_fresh_connection_closed_without_answer_is_not_retried(
         await read_request(reader)
 
     server, url = await raw(handler)
-    b = HTTP1Backend(url, api_key=None, max_concurrency=1)
-    try:
+    async with _backend(url, api_key=None, max_concurrency=1) as b:
         with pytest.raises(UpstreamUnavailable):
             await b.send(CHAT, b"{}", time_limit=5)
-    finally:
-        await b.close()
     assert server.connections == 1
 
 
@@ -313,13 +303,10 @@ async def test_no_retry_after_partial_answer(
         await writer.drain()
 
     server, url = await raw(handler)
-    b = HTTP1Backend(url, api_key=None, max_concurrency=1)
-    try:
+    async with _backend(url, api_key=None, max_concurrency=1) as b:
         assert (await b.send(CHAT, b"{}", time_limit=5)).body == b"ok"
         with pytest.raises(UpstreamUnavailable):
             await b.send(CHAT, b"{}", time_limit=5)
-    finally:
-        await b.close()
     assert server.connections == 1
     assert not b._idle
 
@@ -343,12 +330,9 @@ async def test_no_answer_times_out(raw: Callable[..., Awaitable[tuple[RawServer,
 
 
 async def test_connection_refused() -> None:
-    b = HTTP1Backend(f"http://127.0.0.1:{free_port()}/v1", api_key=None, max_concurrency=1)
-    try:
+    async with _backend(f"http://127.0.0.1:{free_port()}/v1", api_key=None, max_concurrency=1) as b:
         with pytest.raises(UpstreamUnavailable):
             await b.send(CHAT, b"{}", time_limit=5)
-    finally:
-        await b.close()
 
 
 async def test_garbage_answer_is_unavailable(
@@ -361,12 +345,9 @@ async def test_garbage_answer_is_unavailable(
         await asyncio.sleep(5)
 
     _, url = await raw(handler)
-    b = HTTP1Backend(url, api_key=None, max_concurrency=1)
-    try:
+    async with _backend(url, api_key=None, max_concurrency=1) as b:
         with pytest.raises(UpstreamUnavailable):
             await b.send(CHAT, b"{}", time_limit=5)
-    finally:
-        await b.close()
 
 
 async def test_pool_never_above_max_concurrency(
@@ -387,11 +368,8 @@ async def test_pool_never_above_max_concurrency(
             await writer.drain()
 
     server, url = await raw(handler)
-    b = HTTP1Backend(url, api_key=None, max_concurrency=4)
-    try:
+    async with _backend(url, api_key=None, max_concurrency=4) as b:
         rs = await asyncio.gather(*[b.send(CHAT, b"{}", time_limit=10) for _ in range(40)])
-    finally:
-        await b.close()
     assert all(r.status_code == 200 for r in rs)
     assert most <= 4
     assert server.connections <= 4
@@ -405,16 +383,13 @@ async def test_cancelled_request_closes_its_connection(
         await asyncio.sleep(30)
 
     _, url = await raw(handler)
-    b = HTTP1Backend(url, api_key=None, max_concurrency=1)
-    try:
+    async with _backend(url, api_key=None, max_concurrency=1) as b:
         task = asyncio.ensure_future(b.send(CHAT, b"{}", time_limit=10))
         await asyncio.sleep(0.1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert not b._idle
-    finally:
-        await b.close()
 
 
 def test_https_and_url_parsing() -> None:
@@ -491,14 +466,11 @@ def test_under_uvloop(upstream: Upstream) -> None:
     uvloop = pytest.importorskip("uvloop")
 
     async def main() -> None:
-        b = HTTP1Backend(upstream.v1, api_key=None, max_concurrency=2)
-        try:
+        async with _backend(upstream.v1, api_key=None, max_concurrency=2) as b:
             body = b'{"model":"m","messages":[{"role":"user","content":"uv"}]}'
             rs = await asyncio.gather(*[b.send(CHAT, body, time_limit=10) for _ in range(6)])
             assert all(r.status_code == 200 for r in rs)
             assert len(b._conns) <= 2
-        finally:
-            await b.close()
         with pytest.raises(UpstreamUnavailable):
             refused = HTTP1Backend(
                 f"http://127.0.0.1:{free_port()}", api_key=None, max_concurrency=1
