@@ -145,3 +145,24 @@ async def test_a_batch_that_fails_to_start_never_stops_the_others(
     monkeypatch.setattr(engine, "_collect_deleted", collect)
     await engine.sweep()
     assert collected == ["ran"]
+
+
+async def test_a_dead_finaliser_is_taken_over_within_its_short_lease(parts: Any) -> None:
+    """Finalising is leased for seconds and renewed by a heartbeat: a live finaliser keeps
+    its batch, a dead one's batch is claimed by another engine once the lease lapses."""
+    from batchd.engine.worker import FINALIZE_LEASE
+
+    settings, store, blobs = parts
+    assert FINALIZE_LEASE <= 10
+    batch = await make_batch(store, blobs, lines(2, "f"))
+    await store.request_cancel(batch.id, "p", now())
+    await Activator(settings, store).activate(batch)
+    t = float(now()) + 1
+    ids = (new_id("file-"), new_id("file-"))
+    assert await store.claim_finalize("a", t, FINALIZE_LEASE, ids) is not None
+    assert await store.claim_finalize("b", t + FINALIZE_LEASE / 2, FINALIZE_LEASE, ids) is None
+    assert await store.renew_finalize(batch.id, "a", t + 2 * FINALIZE_LEASE)
+    assert await store.claim_finalize("b", t + 1.5 * FINALIZE_LEASE, FINALIZE_LEASE, ids) is None
+    taken = await store.claim_finalize("b", t + 2 * FINALIZE_LEASE + 0.1, FINALIZE_LEASE, ids)
+    assert taken is not None and taken.id == batch.id
+    assert not await store.renew_finalize(batch.id, "a", t + 100)  # "a" lost it
