@@ -64,7 +64,7 @@ class Engine:
         self._routes = {
             d.model: Route(
                 backends[d.model],
-                DeploymentLimiter(d, capacity=0),
+                DeploymentLimiter(d, capacity=0, weight=settings.project_weight),
                 d.timeout,
                 RetryPolicy(max_attempts=d.max_attempts),
             )
