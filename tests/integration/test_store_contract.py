@@ -232,6 +232,39 @@ async def test_claims_skip_ended_and_expired_batches(store: Store) -> None:
     assert expired.id != live.id
 
 
+async def test_claims_are_fair_between_batches(store: Store) -> None:
+    """Each batch's first shard (counting what it holds) before any batch's second: a batch
+    created later is claimed next, not after every shard of an older one."""
+    old = await running_batch(store)
+    first = await store.claim_shards("a", 1, T0, 5)
+    assert [(c.batch_id, c.idx, c.project) for c in first] == [(old.id, 0, "p")]
+    new = await running_batch(store)
+    newer = await running_batch(store)
+    got = await store.claim_shards("a", 2, T0, 5)
+    # old holds one already: the two newer batches' first shards come before its second
+    assert {(c.batch_id, c.idx) for c in got} == {(new.id, 0), (newer.id, 0)}
+    got = await store.claim_shards("a", 2, T0, 5)
+    assert {(c.batch_id, c.idx) for c in got} == {(old.id, 1), (new.id, 1)}
+    # with every batch running, an idle-only claim finds nothing; a new batch's it finds
+    assert await store.claim_shards("a", 1, T0, 5, idle_batches_only=True) == []
+    idle = await running_batch(store)
+    extra = await store.claim_shards("a", 1, T0, 5, idle_batches_only=True)
+    assert [(c.batch_id, c.idx) for c in extra] == [(idle.id, 0)]
+
+
+async def test_parked_shards_and_paused_models_are_not_claimed(store: Store) -> None:
+    rec = await running_batch(store)
+    claims = await store.claim_shards("a", 1, T0, 5)
+    assert await store.release_shard(claims[0], T0 + 100)
+    assert [c.idx for c in await store.claim_shards("b", 5, T0 + 1, 5)] == [1, 2]
+    assert await store.claim_shards("b", 5, T0 + 2, 5) == []  # 1, 2 leased till T0 + 6
+    again = await store.claim_shards("c", 1, T0 + 100, 5, paused_models=["other"])
+    assert [(c.batch_id, c.idx, c.token) for c in again] == [(rec.id, 0, 2)]
+    other = await running_batch(store)
+    assert await store.claim_shards("d", 5, T0 + 200, 5, paused_models=["m"]) == []
+    assert other.model is None  # "m" is set on activation: both batches are paused
+
+
 async def test_concurrent_claims_never_share_a_shard(store: Store) -> None:
     for _ in range(4):
         await running_batch(store)

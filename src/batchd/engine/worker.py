@@ -131,14 +131,19 @@ class Engine:
         while True:
             free = self._cfg.max_shards - len(self._runs)
             claims = []
-            if free > 0:
+            # Full: still one more shard at a time of a batch nobody runs, so that a new batch
+            # starts within seconds however long the running ones take (at most twice
+            # max_shards; the slots themselves are shared fairly, see fair_slots.py).
+            idle_only = free <= 0 and len(self._runs) < 2 * self._cfg.max_shards
+            if free > 0 or idle_only:
                 try:
                     claims = await self._store.claim_shards(
                         self.owner,
-                        free,
+                        max(free, 1),
                         time.time(),
                         self._cfg.lease_seconds,
                         paused_models=self._paused_models(),
+                        idle_batches_only=idle_only,
                     )
                 except Exception:
                     log.exception("claiming shards failed")
