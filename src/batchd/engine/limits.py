@@ -100,6 +100,10 @@ class DeploymentLimiter:
     def release(self, project: str = "", batch: str = "") -> None:
         self._slots.give_back(project, batch)
 
+    def project_wants(self) -> dict[str, int]:
+        """Slots each project could use now from this process, up to the limit."""
+        return {p: min(w, self.max_concurrency) for p, w in self._slots.wants().items()}
+
     def used_by(self, project: str) -> int:
         """Requests of ``project`` in flight from this process."""
         return self._slots.used_by(project)

@@ -75,7 +75,11 @@ class Engine:
         self._finalize_failures = FailureTracker("finalising batch")
         self._shard_failures = FailureTracker("running shard")
         self.slots = SlotLeaser(
-            store, owner, [r.limiter for r in self._routes.values()], self._cfg.lease_seconds
+            store,
+            owner,
+            [r.limiter for r in self._routes.values()],
+            self._cfg.lease_seconds,
+            settings.project_weight,
         )
         self._runs: dict[tuple[str, int], ShardRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()

@@ -10,7 +10,7 @@ each other. Driver errors become :class:`batchd.errors.StoreError` here and nowh
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -932,11 +932,17 @@ class Store:
 
     # -- cluster-wide deployment limits (see store/slots.py) --------------------------------
     async def lease_slots(
-        self, owner: str, demands: dict[str, SlotDemand], now: float, until: float
+        self,
+        owner: str,
+        demands: dict[str, SlotDemand],
+        now: float,
+        until: float,
+        weight: Callable[[str], float] = lambda _: 1.0,
     ) -> dict[str, SlotGrant]:
-        """Renew this process's shares of the deployments' slots; one transaction."""
+        """Renew this process's shares of the deployments' slots; one transaction.
+        ``weight(project)``: the projects' relative shares."""
         async with self._write() as conn:
-            return await slots.lease(conn, owner, demands, now, until)
+            return await slots.lease(conn, owner, demands, now, until, weight)
 
     async def live_engines(self, now: float) -> int:
         """Engine processes alive now: each renews its slot leases every second or so
