@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -165,9 +166,9 @@ def test_the_url_may_be_the_root_or_a_base_url(server: Server, tmp_path: Path) -
     ids=["missing", "folder", "csv", "empty", "not-named-jsonl"],
 )
 def test_input_file_mistakes(
-    server: Server, tmp_path: Path, make: object, says: list[str]
+    server: Server, tmp_path: Path, make: Callable[[Path], Path], says: list[str]
 ) -> None:
-    path = make(tmp_path)  # type: ignore[operator]
+    path = make(tmp_path)
     mistake(batchd(server, "submit", str(path), "--wait", cwd=tmp_path), *says)
 
 
