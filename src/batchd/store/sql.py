@@ -43,7 +43,7 @@ from batchd.models import (
 )
 from batchd.store import slots
 from batchd.store.codec import decode_issues, decode_metadata, decode_summary, encode
-from batchd.store.schema import batches, events, files, parts, shards
+from batchd.store.schema import batches, deployment_slots, events, files, parts, shards
 from batchd.store.slots import SlotDemand, SlotGrant
 
 UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
@@ -889,6 +889,14 @@ class Store:
         """Renew this process's shares of the deployments' slots; one transaction."""
         async with self._write() as conn:
             return await slots.lease(conn, owner, demands, now, until)
+
+    async def live_engines(self, now: float) -> int:
+        """Engine processes alive now: each renews its slot leases every second or so
+        (``deployment_slots``), so a process with an unexpired lease is running."""
+        t = deployment_slots
+        q = select(func.count(func.distinct(t.c.owner))).where(t.c.until >= now)
+        async with self._read() as conn:
+            return int((await conn.execute(q)).scalar_one())
 
     async def release_slots(self, owner: str) -> None:
         async with self._write() as conn:
