@@ -142,6 +142,15 @@ class EngineSettings(_Strict):
     max_shards: int = Field(default=8, ge=1, description="shards one process runs at once")
 
 
+class ProjectSettings(_Strict):
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="the project's share of every deployment's slots, relative to the others",
+    )
+
+
 class Webhook(_Strict):
     url: str
     secret: str | None = None
@@ -172,6 +181,7 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     webhooks: list[Webhook] = Field(default_factory=list)
+    projects: dict[str, ProjectSettings] = Field(default_factory=dict)
     migrate_on_start: bool = True
     log_level: str = "info"
 
@@ -205,6 +215,11 @@ class Settings(BaseSettings):
             Deployment(model=DEFAULT_CHAT_MODEL, backend="local", max_concurrency=32),
             Deployment(model=DEFAULT_EMBEDDING_MODEL, backend="local", max_concurrency=64),
         ]
+
+    def project_weight(self, project: str) -> float:
+        """``[projects.NAME] weight``, 1 for a project not configured."""
+        settings = self.projects.get(project)
+        return settings.weight if settings is not None else 1.0
 
     def deployment_for(self, model: str) -> Deployment | None:
         for d in self.effective_deployments():

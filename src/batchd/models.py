@@ -246,6 +246,7 @@ class ShardClaim:
     endpoint: str
     input_blob_key: str
     expires_at: int
+    project: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ validating reports every line once (real SQLite store, real blobs, the real engi
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,29 @@ async def test_a_dead_finaliser_is_taken_over_within_its_short_lease(parts: Any)
     taken = await store.claim_finalize("b", t + 2 * FINALIZE_LEASE + 0.1, FINALIZE_LEASE, ids)
     assert taken is not None and taken.id == batch.id
     assert not await store.renew_finalize(batch.id, "a", t + 100)  # "a" lost it
+
+
+async def test_a_shard_that_keeps_failing_backs_off_then_fails_its_batch(
+    parts: Any, tmp_path: Path
+) -> None:
+    """A shard whose run raises (its input bytes are gone) is released with a backoff, not
+    claimed again at once in a loop; after MAX_TRIES its batch ends failed, naming why."""
+    from batchd.engine.shard import ShardRun
+
+    settings, store, blobs = parts
+    batch = await make_batch(store, blobs, lines(2, "s"))
+    await Activator(settings, store).activate(batch)
+    await blobs.delete(batch.input_blob_key)
+    engine = Engine(settings, store, blobs, {}, owner="w")
+    for attempt in range(failures_module.MAX_TRIES):
+        # past any backoff (at most 60 s), and past the lease of the run before
+        claims = await store.claim_shards("w", 1, time.time() + 61 * (attempt > 0), 30)
+        assert len(claims) == 1, attempt
+        run = ShardRun(claims[0], store, blobs, tmp_path / "spool", engine._routes, 0.1, 0.1)
+        await engine._run_shard(run)
+        if attempt < failures_module.MAX_TRIES - 1:
+            assert await store.claim_shards("w", 1, time.time() + 1, 30) == []  # backing off
+    ended = await store.get_batch(batch.id)
+    assert ended is not None and ended.status == FAILED and ended.errors
+    assert ended.errors[0].code == "internal_error"
+    assert "could not be run after 5 tries" in ended.errors[0].message

@@ -80,16 +80,23 @@ class Route:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
 
     async def send(
-        self, endpoint: str, body: bytes, tokens: int, time_limit: float
+        self,
+        endpoint: str,
+        body: bytes,
+        tokens: int,
+        project: str,
+        batch: str,
+        time_limit: float,
     ) -> UpstreamResponse:
-        """One attempt, holding one of the deployment's slots for its length."""
+        """One attempt, holding one of the deployment's slots for its length (taken per
+        request, fairly between the projects and batches that wait for one)."""
         limiter = self.limiter
-        if not limiter.try_acquire():
-            await limiter.acquire(tokens)
+        if not limiter.try_acquire(project, batch):
+            await limiter.acquire(tokens, project, batch)
         try:
             return await self.backend.send(endpoint, body, time_limit=time_limit)
         finally:
-            limiter.release()
+            limiter.release(project, batch)
 
 
 def parse_span(data: bytes, count: int) -> list[Request]:
@@ -305,6 +312,8 @@ class ShardRun:
                 self.claim.endpoint,
                 req.body,
                 req.tokens,
+                self.claim.project,
+                self.claim.batch_id,
                 deployment=route.limiter,
                 deadline=float(self.claim.expires_at),
                 stop=self.stop,

@@ -47,6 +47,15 @@ from batchd.store.schema import batches, deployment_slots, events, files, parts,
 from batchd.store.slots import SlotDemand, SlotGrant
 
 UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
+def _finalising(batch_id: str, owner: str) -> Any:
+    """The batch, while ``owner`` holds its finalising lease and it has not ended."""
+    return and_(
+        batches.c.id == batch_id,
+        batches.c.final_owner == owner,
+        batches.c.status.not_in(tuple(TERMINAL)),
+    )
+
+
 _HAS_SHARDS = exists().where(shards.c.batch_id == batches.c.id)
 # Not started: validating, or cancelled before its shards were made.
 _NOT_STARTED = or_(
@@ -565,6 +574,7 @@ class Store:
                 of_batch(batches.c.endpoint).label("endpoint"),
                 of_batch(batches.c.input_blob_key).label("input_blob_key"),
                 of_batch(batches.c.expires_at).label("expires_at"),
+                of_batch(batches.c.project).label("project"),
             )
         )
         async with self._write() as conn:
@@ -582,6 +592,7 @@ class Store:
                 endpoint=r["endpoint"],
                 input_blob_key=r["input_blob_key"],
                 expires_at=r["expires_at"],
+                project=r["project"],
             )
             for r in rows
         ]
@@ -609,6 +620,22 @@ class Store:
         async with self._write() as conn:
             kept = {(r.batch_id, r.idx) for r in await conn.execute(stmt)}
         return [(b, i) for b, i, _ in keys if (b, i) not in kept]
+
+    async def release_shard(self, claim: ShardClaim, not_before: float) -> bool:
+        """Give a held shard back without a checkpoint, not to be claimed before
+        ``not_before`` (its run failed). Fenced by the claim's token."""
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(shards)
+                .where(
+                    shards.c.batch_id == claim.batch_id,
+                    shards.c.idx == claim.idx,
+                    shards.c.token == claim.token,
+                    shards.c.status == SHARD_PENDING,
+                )
+                .values(lease_owner=None, lease_until=None, not_before=not_before)
+            )
+            return bool(res.rowcount)
 
     async def checkpoint(
         self,
@@ -781,13 +808,7 @@ class Store:
         """Extend the finalising lease (the finaliser's heartbeat); False if it was lost."""
         async with self._write() as conn:
             res = await conn.execute(
-                update(batches)
-                .where(
-                    batches.c.id == batch_id,
-                    batches.c.final_owner == owner,
-                    batches.c.status.not_in(tuple(TERMINAL)),
-                )
-                .values(final_until=until)
+                update(batches).where(_finalising(batch_id, owner)).values(final_until=until)
             )
             return bool(res.rowcount)
 
@@ -857,11 +878,7 @@ class Store:
         async with self._write() as conn:
             res = await conn.execute(
                 update(batches)
-                .where(
-                    batches.c.id == batch_id,
-                    batches.c.final_owner == owner,
-                    batches.c.status.not_in(tuple(TERMINAL)),
-                )
+                .where(_finalising(batch_id, owner))
                 .values(
                     status=status,
                     output_file_id=output_file.id if output_file else None,
