@@ -51,6 +51,8 @@ def test_finds_the_capacity_without_overloading(k: int) -> None:
     # latency of what the server queues stays within 2 L (interactive traffic keeps it)
     assert max(rtt for _, _, rtt, _ in steady) < 2 * latency
     assert k <= ctl.current <= 2 * k
+    # slow start: a big server is reached within seconds, not minutes
+    assert next(t for t, x, _, _ in trace if x >= k) < 5
 
 
 def test_backs_off_on_429_and_when_the_server_slows_down() -> None:

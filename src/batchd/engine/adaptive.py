@@ -51,6 +51,9 @@ class AdaptiveLimit:
         self.windows = 0
         self._probing = False
         self._since_probe = 0
+        # Slow start (as TCP's): the limit doubles each window until the latency first
+        # inflates or the server refuses, so a big server is reached in a few windows.
+        self._slow_start = True
 
     @property
     def current(self) -> int:
@@ -94,6 +97,7 @@ class AdaptiveLimit:
             self._probing, self._since_probe = True, 0
         if self._overloaded:
             limit = limit * self.backoff
+            self._slow_start = False
         elif self._count:
             rtt = self._sum / self._count
             if self.no_load is None or rtt < self.no_load or probed:
@@ -103,10 +107,14 @@ class AdaptiveLimit:
                 return
             base = self.no_load
             gradient = max(0.5, min(1.0, self.tolerance * base / rtt))
-            target = limit * gradient + math.sqrt(limit)
             if gradient >= 1.0 and self._busiest < limit / 2:
-                target = limit  # not using what it has: no evidence that more would help
-            limit = (1 - self.smoothing) * limit + self.smoothing * target
+                pass  # not using what it has: no evidence that more would help
+            elif self._slow_start and gradient >= 1.0:
+                limit *= 2
+            else:
+                self._slow_start = False
+                target = limit * gradient + math.sqrt(limit)
+                limit = (1 - self.smoothing) * limit + self.smoothing * target
         self.limit = max(float(self.minimum), min(float(self.cap), limit))
         self._reset_window()
 
