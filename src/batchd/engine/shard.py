@@ -97,6 +97,8 @@ class Route:
         if not limiter.try_acquire(project, batch):
             await limiter.acquire(tokens, project, batch)
         try:
+            if limiter.paused_until and limiter.pause_left() > 0:
+                return _paused(limiter)
             return await self.backend.send(endpoint, body, time_limit=time_limit)
         finally:
             limiter.release(project, batch)
@@ -114,6 +116,9 @@ class Route:
         limiter = self.limiter
         if not limiter.try_acquire(project, batch):
             await limiter.acquire(tokens, project, batch)
+        if limiter.paused_until and limiter.pause_left() > 0:
+            limiter.release(project, batch)
+            return _paused(limiter)
         in_flight = limiter.in_flight
         started = time.monotonic()
         status = 0
@@ -124,6 +129,12 @@ class Route:
         finally:
             limiter.release(project, batch)
             limiter.on_answer(time.monotonic() - started, status, in_flight)
+
+
+def _paused(limiter: DeploymentLimiter) -> UpstreamResponse:
+    """The answer for a request whose slot came while the deployment is paused: not sent;
+    a 429 with the pause's ``retry-after``, so the retry policy waits it out (or parks)."""
+    return UpstreamResponse(429, b"", "", limiter.pause_left())
 
 
 def parse_span(data: bytes, count: int) -> list[Request]:
