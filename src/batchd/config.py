@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     webhooks: list[Webhook] = Field(default_factory=list)
     migrate_on_start: bool = True
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = False
 
     @classmethod
     def settings_customise_sources(
