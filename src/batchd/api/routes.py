@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from batchd.api.auth import Authenticator
 from batchd.api.upload import read_form
 from batchd.errors import InvalidRequest, TooLarge
+from batchd.models import API_AZURE, API_OPENAI
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
 
@@ -38,6 +39,15 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
     return Response(
         orjson.dumps(obj), status_code=status, media_type="application/json", headers=headers
     )
+
+
+def api_of(request: Request) -> str:
+    """The API a request came through: Azure's ``/openai`` tree, or OpenAI's (``/v1`` and
+    Azure's newer ``/openai/v1``, which follows OpenAI's behaviour)."""
+    path = request.url.path
+    if path.startswith("/openai/") and not path.startswith("/openai/v1/"):
+        return API_AZURE
+    return API_OPENAI
 
 
 def services(request: Request) -> Services:
@@ -275,6 +285,7 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
             completion_window=body.completion_window,
             metadata=body.metadata,
             output_expires_after=body.output_expires_after,
+            api=api_of(request),
         )
         return json_response(rec.to_wire())
 

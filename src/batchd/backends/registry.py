@@ -25,4 +25,6 @@ def build_backend(deployment: Deployment) -> Backend:
         deployment.base_url,
         api_key=deployment.api_key,
         max_concurrency=deployment.max_concurrency,
+        api_style=deployment.api_style,
+        headers=deployment.headers,
     )

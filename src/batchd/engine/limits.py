@@ -10,6 +10,7 @@ Built without a lease, a limiter has the deployment's whole ``max_concurrency``.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 from aiolimiter import AsyncLimiter
@@ -28,6 +29,7 @@ class DeploymentLimiter:
         self._rpm: AsyncLimiter | None = None
         self._tpm: AsyncLimiter | None = None
         self._tpm_local = 0
+        self.paused_until = 0.0  # unix seconds: a ``retry-after`` holds every sender till then
         self.resize(deployment.max_concurrency if capacity is None else capacity)
 
     @property
@@ -56,6 +58,16 @@ class DeploymentLimiter:
             self._tpm = AsyncLimiter(tpm, 60) if tpm else None
             self._tpm_local = tpm
         self._slots.wake()
+
+    def pause(self, seconds: float) -> None:
+        """The upstream asked for a pause (``retry-after``): no request of this deployment
+        starts from this process before it ends. A shorter pause never cuts a longer one."""
+        self.paused_until = max(self.paused_until, time.time() + seconds)
+
+    def pause_left(self) -> float:
+        """Seconds left of the current pause (0 when none)."""
+        until = self.paused_until
+        return 0.0 if not until else max(0.0, until - time.time())
 
     def try_acquire(self) -> bool:
         """Take a slot without waiting: only when one is free, nobody queues for one and no

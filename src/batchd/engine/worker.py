@@ -20,13 +20,15 @@ from batchd.backends.base import Backend
 from batchd.blobs.base import Blobs
 from batchd.config import Settings
 from batchd.engine.checkpoints import Checkpointer
+from batchd.engine.failures import MAX_TRIES, FailureTracker
 from batchd.engine.finalize import Finalizer
 from batchd.engine.limits import DeploymentLimiter
+from batchd.engine.retry import RetryPolicy
 from batchd.engine.shard import Route, ShardRun
 from batchd.engine.slots import SlotLeaser
 from batchd.engine.webhooks import WebhookSender
 from batchd.errors import LeaseLost
-from batchd.models import CANCELLING, new_id, now
+from batchd.models import CANCELLING, BatchRecord, ValidationIssue, new_id, now
 from batchd.service.activation import Activator
 from batchd.service.files import FileService
 from batchd.store.sql import Store
@@ -35,7 +37,9 @@ log = logging.getLogger(__name__)
 
 SIGNAL_SECONDS = 0.5
 SWEEP_SECONDS = 2.0
-FINALIZE_LEASE = 120.0
+# Finalising is leased briefly and renewed by a heartbeat: a finaliser that died is taken
+# over within seconds.
+FINALIZE_LEASE = 10.0
 BUSY_POLL_FACTOR = 4
 
 
@@ -58,10 +62,17 @@ class Engine:
         self._spool = Path(settings.data_dir) / "spool"
         # Limiters start with no slots: the first lease (at start) gives each its share.
         self._routes = {
-            d.model: Route(backends[d.model], DeploymentLimiter(d, capacity=0), d.timeout)
+            d.model: Route(
+                backends[d.model],
+                DeploymentLimiter(d, capacity=0),
+                d.timeout,
+                RetryPolicy(max_attempts=d.max_attempts),
+            )
             for d in settings.effective_deployments()
             if d.model in backends
         }
+        self._activation_failures = FailureTracker("starting batch")
+        self._finalize_failures = FailureTracker("finalising batch")
         self.slots = SlotLeaser(
             store, owner, [r.limiter for r in self._routes.values()], self._cfg.lease_seconds
         )
@@ -122,7 +133,11 @@ class Engine:
             if free > 0:
                 try:
                     claims = await self._store.claim_shards(
-                        self.owner, free, time.time(), self._cfg.lease_seconds
+                        self.owner,
+                        free,
+                        time.time(),
+                        self._cfg.lease_seconds,
+                        paused_models=self._paused_models(),
                     )
                 except Exception:
                     log.exception("claiming shards failed")
@@ -144,6 +159,15 @@ class Engine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._idle_wait())
 
+    def _paused_models(self) -> list[str]:
+        """Deployments paused (by a ``retry-after``) for longer than a shard would wait: their
+        shards are not claimed until the pause ends."""
+        return [
+            model
+            for model, route in self._routes.items()
+            if route.limiter.pause_left() > route.policy.park_after
+        ]
+
     async def _run_shard(self, run: ShardRun) -> None:
         try:
             await run.run()
@@ -154,6 +178,12 @@ class Engine:
         except Exception:
             log.exception("shard %s/%d failed; it will be claimed again", *run.key)
         finally:
+            if run.park_until:
+                log.info(
+                    "shard %s/%d parked for %.0f s: the deployment asked for a pause",
+                    *run.key,
+                    run.park_until - time.time(),
+                )
             self._runs.pop(run.key, None)
             self._wake.set()
             self._shard_ended.set()
@@ -227,15 +257,60 @@ class Engine:
                     FINALIZE_LEASE,
                     (new_id("file-"), new_id("file-")),
                 )
-                if batch is not None:
-                    await self._finalizer.finalize(batch)
             except Exception:
-                log.exception("finalising failed; it will be retried")
-            if batch is None:
+                log.exception("looking for batches to finalise failed")
+            if batch is not None:
+                await self._finalize_one(batch)
+            else:
                 # Woken at once when one of this engine's shards ends (often a batch's last).
                 self._shard_ended.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._shard_ended.wait(), self._idle_wait())
+
+    async def _finalize_one(self, batch: BatchRecord) -> None:
+        """Finalise one leased batch, renewing the lease while it runs. A failure is retried
+        (the lease lapses and the batch is claimed again) and, after a few, ends the batch
+        ``failed``; the loop goes on with the other batches meanwhile."""
+        failures = self._finalize_failures
+        heartbeat = asyncio.get_running_loop().create_task(self._renew_finalize(batch.id))
+        try:
+            await self._finalizer.finalize(batch)
+        except Exception as exc:
+            failures.failed(batch.id, exc)
+            if failures.given_up(batch.id):
+                await self._give_up(batch.id, failures, "finalised")
+        else:
+            failures.succeeded(batch.id)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _renew_finalize(self, batch_id: str) -> None:
+        while True:
+            await asyncio.sleep(FINALIZE_LEASE / 3)
+            try:
+                await self._store.renew_finalize(
+                    batch_id, self.owner, time.time() + FINALIZE_LEASE
+                )
+            except Exception:
+                log.exception("batch %s: renewing the finalising lease failed", batch_id)
+
+    async def _give_up(self, batch_id: str, failures: FailureTracker, what: str) -> None:
+        """End a batch whose handling keeps failing: ``failed``, naming the error."""
+        issue = ValidationIssue(
+            "internal_error",
+            f"The batch could not be {what} after {MAX_TRIES} tries: "
+            f"{failures.last_error(batch_id)}",
+            None,
+            None,
+        )
+        try:
+            if await self._store.fail_started_batch(batch_id, issue, now()):
+                log.error("batch %s failed: %s", batch_id, issue.message)
+            failures.succeeded(batch_id)
+        except Exception:
+            log.exception("batch %s: recording its failure failed", batch_id)
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -247,11 +322,40 @@ class Engine:
 
     async def sweep(self) -> None:
         """Finish what crashed processes left (validations, batch starts) and collect deleted
-        and expired files."""
-        for batch in await self._store.validating_batches():
-            await self._activator.activate(batch)
+        and expired files. Each step, and each batch within a step, fails on its own: an
+        error is logged with the batch's id and the rest goes on."""
+        await self._start_waiting_batches()
+        steps = [self._store.expire_files(now()), self._collect_deleted()]
         if self._webhooks is not None:
-            await self._webhooks.send_due()
-        await self._store.expire_files(now())
+            steps.insert(0, self._webhooks.send_due())
+        for step in steps:
+            try:
+                await step
+            except Exception:
+                log.exception("sweep step failed; it runs again in %.0f s", SWEEP_SECONDS)
+
+    async def _start_waiting_batches(self) -> None:
+        failures = self._activation_failures
+        try:
+            waiting = await self._store.validating_batches()
+        except Exception:
+            log.exception("reading the batches waiting to start failed")
+            return
+        for batch in waiting:
+            if not failures.due(batch.id):
+                continue
+            try:
+                await self._activator.activate(batch)
+            except Exception as exc:
+                failures.failed(batch.id, exc)
+                if failures.given_up(batch.id):
+                    await self._give_up(batch.id, failures, "started")
+            else:
+                failures.succeeded(batch.id)
+
+    async def _collect_deleted(self) -> None:
         for rec in await self._store.deleted_files_unreferenced():
-            await self._files.collect_if_unused(rec)
+            try:
+                await self._files.collect_if_unused(rec)
+            except Exception:
+                log.exception("file %s: removing its bytes failed; tried again later", rec.id)

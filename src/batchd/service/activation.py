@@ -78,7 +78,16 @@ class Activator:
         if issues:
             issues.sort(key=lambda i: i.line or 0)
             await self._store.fail_batch(batch.id, issues[:MAX_ISSUES], at, model=model)
-            log.info("batch %s failed validation: %d problems", batch.id, len(issues))
+            first = issues[0]
+            where = f"line {first.line} " if first.line else ""
+            log.info(
+                "batch %s (project %s) failed validation: %d problems, first: %s%s",
+                batch.id,
+                batch.project,
+                len(issues),
+                where,
+                first.code,
+            )
             return
         await self._store.activate_batch(
             batch.id,
@@ -87,4 +96,6 @@ class Activator:
             token_estimate=summary.token_estimate,
             at=at,
         )
-        log.info("batch %s in progress: %d requests", batch.id, summary.lines)
+        log.info(
+            "batch %s (project %s) in progress: %d requests", batch.id, batch.project, summary.lines
+        )

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd.errors import LeaseLost, StoreError
 from batchd.models import (
+    API_OPENAI,
     CANCELLING,
     FAILED,
     FINALIZING,
@@ -46,6 +47,11 @@ from batchd.store.schema import batches, events, files, parts, shards
 from batchd.store.slots import SlotDemand, SlotGrant
 
 UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
+_HAS_SHARDS = exists().where(shards.c.batch_id == batches.c.id)
+# Not started: validating, or cancelled before its shards were made.
+_NOT_STARTED = or_(
+    batches.c.status == VALIDATING, and_(batches.c.status == CANCELLING, ~_HAS_SHARDS)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +64,7 @@ class ShardCheckpoint:
     usage: Usage  # their usage, added to the batch's counters
     shard_done: bool  # every line has a result: the shard ends
     release: bool = False  # the holder stops: the lease ends
+    not_before: float | None = None  # with ``release``: not claimed again before (parked)
 
 
 def _file(row: RowMapping, *, with_summary: bool = True) -> FileRecord:
@@ -110,6 +117,8 @@ def _batch(row: RowMapping) -> BatchRecord:
             reasoning_tokens=row["reasoning_tokens"],
         ),
         token_estimate=row["token_estimate"],
+        api=row["api"] or API_OPENAI,
+        endpoint_as_sent=row["endpoint_as_sent"],
     )
 
 
@@ -353,6 +362,8 @@ class Store:
                     output_tokens=0,
                     reasoning_tokens=0,
                     token_estimate=rec.token_estimate,
+                    api=rec.api,
+                    endpoint_as_sent=rec.endpoint_as_sent,
                 )
             )
 
@@ -382,7 +393,9 @@ class Store:
         return [_batch(r) for r in rows]
 
     async def validating_batches(self, file_id: str | None = None) -> list[BatchRecord]:
-        q = select(batches).where(batches.c.status == VALIDATING)
+        """Batches waiting for their start: ``validating``, or cancelled while validating
+        (``cancelling`` with no shard yet: their lines must still be listed as cancelled)."""
+        q = select(batches).where(_NOT_STARTED)
         if file_id is not None:
             q = q.where(batches.c.input_file_id == file_id)
         async with self._read() as conn:
@@ -396,6 +409,27 @@ class Store:
         async with self._read() as conn:
             return int((await conn.execute(q)).scalar_one())
 
+    async def fail_started_batch(self, batch_id: str, issue: ValidationIssue, at: int) -> bool:
+        """End an unfinished batch ``failed`` for an internal reason (its handling kept
+        failing); its shards are no longer claimed. False if it had ended already."""
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id, batches.c.status.in_(UNFINISHED))
+                .values(
+                    status=FAILED,
+                    failed_at=at,
+                    errors=encode([issue]),
+                    final_owner=None,
+                    final_until=None,
+                    output_file_id=None,
+                    error_file_id=None,
+                )
+            )
+            if res.rowcount:
+                await _record_event(conn, batch_id, FAILED, at)
+            return bool(res.rowcount)
+
     async def activate_batch(
         self,
         batch_id: str,
@@ -405,7 +439,9 @@ class Store:
         token_estimate: int,
         at: int,
     ) -> bool:
-        """validating -> in_progress, creating the batch's shards. False if no longer validating."""
+        """validating -> in_progress, creating the batch's shards. A batch cancelled while
+        validating gets its shards too but stays ``cancelling``: the finaliser then lists
+        every line as ``batch_cancelled``. False if it is started or ended already."""
         async with self._write() as conn:
             res = await conn.execute(
                 update(batches)
@@ -418,6 +454,12 @@ class Store:
                     token_estimate=token_estimate,
                 )
             )
+            if not res.rowcount:
+                res = await conn.execute(
+                    update(batches)
+                    .where(batches.c.id == batch_id, _NOT_STARTED)
+                    .values(model=model, total=sum(s.count for s in spans))
+                )
             if not res.rowcount:
                 return False
             if spans:
@@ -447,7 +489,7 @@ class Store:
         async with self._write() as conn:
             res = await conn.execute(
                 update(batches)
-                .where(batches.c.id == batch_id, batches.c.status == VALIDATING)
+                .where(batches.c.id == batch_id, _NOT_STARTED)
                 .values(status=FAILED, failed_at=at, errors=encode(issues), model=model)
             )
             if res.rowcount:
@@ -481,7 +523,13 @@ class Store:
 
     # -- the work queue ------------------------------------------------------------
     async def claim_shards(
-        self, owner: str, n: int, now: float, lease_seconds: float
+        self,
+        owner: str,
+        n: int,
+        now: float,
+        lease_seconds: float,
+        *,
+        paused_models: Sequence[str] = (),
     ) -> list[ShardClaim]:
         """Lease up to ``n`` runnable shards: pending, unleased or with a lapsed lease, of a
         batch that is in progress and not past its deadline.
@@ -489,13 +537,17 @@ class Store:
         One statement for any ``n``: ``UPDATE shards ... WHERE (batch_id, idx) IN (SELECT ...
         FOR UPDATE SKIP LOCKED LIMIT n) RETURNING``, the batch's columns read by correlated
         subqueries in ``RETURNING`` (SQLite allows no joined table there). Each claim bumps
-        the shard's token, which fences the writes of whoever held it before."""
+        the shard's token, which fences the writes of whoever held it before. A parked shard
+        (``not_before`` in the future) and shards of ``paused_models`` are left alone."""
         runnable = and_(
             shards.c.status == SHARD_PENDING,
             or_(shards.c.lease_until.is_(None), shards.c.lease_until < now),
+            or_(shards.c.not_before.is_(None), shards.c.not_before <= now),
             shards.c.batch_id.in_(
                 select(batches.c.id).where(
-                    batches.c.status == IN_PROGRESS, batches.c.expires_at > now
+                    batches.c.status == IN_PROGRESS,
+                    batches.c.expires_at > now,
+                    *([batches.c.model.not_in(list(paused_models))] if paused_models else []),
                 )
             ),
         )
@@ -617,7 +669,7 @@ class Store:
                 if ck.shard_done:
                     values.update(status=SHARD_DONE, lease_owner=None, lease_until=None)
                 elif ck.release:
-                    values.update(lease_owner=None, lease_until=None)
+                    values.update(lease_owner=None, lease_until=None, not_before=ck.not_before)
                 res = await conn.execute(
                     update(shards)
                     .where(
@@ -704,7 +756,8 @@ class Store:
             or_(batches.c.final_until.is_(None), batches.c.final_until < now),
             or_(
                 and_(batches.c.status.in_((IN_PROGRESS, FINALIZING)), ~pending),
-                and_(batches.c.status == CANCELLING, ~live_lease),
+                # a batch cancelled while validating waits for its shards (all cancelled)
+                and_(batches.c.status == CANCELLING, ~live_lease, _HAS_SHARDS),
                 and_(
                     batches.c.status.in_((IN_PROGRESS, FINALIZING)),
                     batches.c.expires_at <= now,
@@ -737,6 +790,20 @@ class Store:
                 .one()
             )
             return _batch(row)
+
+    async def renew_finalize(self, batch_id: str, owner: str, until: float) -> bool:
+        """Extend the finalising lease (the finaliser's heartbeat); False if it was lost."""
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.final_owner == owner,
+                    batches.c.status.not_in(tuple(TERMINAL)),
+                )
+                .values(final_until=until)
+            )
+            return bool(res.rowcount)
 
     async def mark_finalizing(self, batch_id: str, owner: str, at: int) -> None:
         async with self._write() as conn:
