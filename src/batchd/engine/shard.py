@@ -37,6 +37,7 @@ from batchd.service.input_line import (
     line_decoder,
 )
 from batchd.store.sql import Store
+from batchd.telemetry.meters import DeploymentMeter
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Route:
     limiter: DeploymentLimiter
     timeout: float
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    meter: DeploymentMeter = field(default_factory=lambda: DeploymentMeter(""))
 
     async def send(
         self, endpoint: str, body: bytes, tokens: int, time_limit: float
@@ -87,7 +89,7 @@ class Route:
         if not limiter.try_acquire():
             await limiter.acquire(tokens)
         try:
-            return await self.backend.send(endpoint, body, time_limit=time_limit)
+            return await self.meter.send(self.backend, endpoint, body, time_limit)
         finally:
             limiter.release()
 
@@ -310,12 +312,15 @@ class ShardRun:
                 stop=self.stop,
                 time_limit=route.timeout,
                 policy=route.policy,
+                on_retry=route.meter.retry,
             )
         except BackendUnavailable as exc:
             return False, error_line(req.custom_id, "backend_unavailable", str(exc)), None
         if resp is None or isinstance(resp, Parked):
             return resp
-        return result_line(req.custom_id, resp)
+        result = result_line(req.custom_id, resp)
+        route.meter.tokens(result[2])
+        return result
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
         """Wait for in-flight requests; once stopped, give them a bounded grace."""

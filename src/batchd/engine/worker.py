@@ -32,6 +32,7 @@ from batchd.models import CANCELLING, BatchRecord, ValidationIssue, new_id, now
 from batchd.service.activation import Activator
 from batchd.service.files import FileService
 from batchd.store.sql import Store
+from batchd.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class Engine:
         backends: dict[str, Backend],
         *,
         owner: str,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self._settings = settings
         self._store = store
         self._blobs = blobs
@@ -64,9 +67,10 @@ class Engine:
         self._routes = {
             d.model: Route(
                 backends[d.model],
-                DeploymentLimiter(d, capacity=0),
+                limiter := DeploymentLimiter(d, capacity=0),
                 d.timeout,
                 RetryPolicy(max_attempts=d.max_attempts),
+                self.metrics.deployment(d.model, limiter),
             )
             for d in settings.effective_deployments()
             if d.model in backends
@@ -86,7 +90,9 @@ class Engine:
         activator = Activator(settings, store)
         self._activator = activator
         self._files = FileService(settings, store, blobs)
-        self._webhooks = WebhookSender(settings.webhooks, store) if settings.webhooks else None
+        self._webhooks = (
+            WebhookSender(settings.webhooks, store, self.metrics) if settings.webhooks else None
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -104,6 +110,7 @@ class Engine:
             self._signal_loop(),
             self._finalize_loop(),
             self._sweep_loop(),
+            self.metrics.run(),
         ]
         tasks = [asyncio.get_running_loop().create_task(c) for c in loops]
         log.info("engine %s started", self.owner)

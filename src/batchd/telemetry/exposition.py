@@ -112,7 +112,8 @@ def process_metrics(own: CollectorRegistry) -> list[Metric]:
     one, else this process's ``own`` registry. Reads files: call it off the event loop."""
     path = multiproc.directory()
     if path:
-        return list(MultiProcessCollector(None, path).collect())
+        collector = MultiProcessCollector(None, path)  # type: ignore[no-untyped-call]
+        return list(collector.collect())  # type: ignore[no-untyped-call]
     return list(own.collect())
 
 
@@ -127,7 +128,9 @@ def render(own: CollectorRegistry, settings: Settings, state: QueueState | None)
     return generate_latest(registry)
 
 
-def serve(port: int, own: CollectorRegistry, settings: Settings, host: str = "0.0.0.0") -> WSGIServer:
+def serve(
+    port: int, own: CollectorRegistry, settings: Settings, host: str = "0.0.0.0"
+) -> WSGIServer:
     """Serve a worker's own series on ``host:port`` (every interface by default; any path
     answers) from a thread of ``prometheus_client``'s, for as long as the process runs."""
     registry = CollectorRegistry(auto_describe=False)

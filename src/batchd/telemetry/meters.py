@@ -75,8 +75,8 @@ class DeploymentMeter:
     what it has already copied out."""
 
     __slots__ = (
-        "buckets",
         "bounds",
+        "buckets",
         "deployment",
         "input_tokens",
         "latency_sum",

@@ -29,8 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -40,6 +40,11 @@ from batchd.telemetry.meters import LATENCY_BUCKETS, OUTCOMES, DeploymentMeter
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 1.0
+
+
+class InFlight(Protocol):
+    @property
+    def in_flight(self) -> int: ...
 
 
 @dataclass
@@ -111,12 +116,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self._meters: list[tuple[DeploymentMeter, Callable[[], int], _Copied]] = []
+        self._meters: list[tuple[DeploymentMeter, InFlight, _Copied]] = []
 
     # -- the engine's per-deployment counters ------------------------------------------------
-    def deployment(self, name: str, in_flight: Callable[[], int]) -> DeploymentMeter:
-        """A meter for one deployment, copied out by :meth:`flush`; ``in_flight`` tells how
-        many of its requests are in flight now."""
+    def deployment(self, name: str, in_flight: InFlight) -> DeploymentMeter:
+        """A meter for one deployment, copied out by :meth:`flush`; ``in_flight.in_flight``
+        (its limiter's) tells how many of its requests are in flight now."""
         meter = DeploymentMeter(name)
         copied = _Copied([0] * len(meter.outcomes), [0] * len(meter.buckets))
         copied.retries = dict.fromkeys(meter.retries, 0)
@@ -151,7 +156,7 @@ class Metrics:
                 if n != before:
                     self.upstream_tokens.labels(name, direction).inc(n - before)
             copied.input_tokens, copied.output_tokens = meter.input_tokens, meter.output_tokens
-            self.upstream_in_flight.labels(name).set(in_flight())
+            self.upstream_in_flight.labels(name).set(in_flight.in_flight)
 
     async def run(self, seconds: float = FLUSH_SECONDS) -> None:
         """Flush every ``seconds`` until cancelled, and once more then."""
@@ -185,10 +190,10 @@ def observe_many(child: Histogram, counts: list[int], total: float) -> None:
     and ``total`` to the sum, as that many ``observe`` calls would. prometheus_client has
     no public call for it: this writes the child's ``_buckets`` and ``_sum`` values, which
     a unit test checks against ``observe``."""
-    buckets = child._buckets  # noqa: SLF001 - see the docstring
+    buckets = child._buckets
     if len(buckets) != len(counts):
         raise ValueError(f"{len(counts)} bucket counts for a histogram of {len(buckets)}")
     for value, n in zip(buckets, counts, strict=True):
         if n:
             value.inc(n)
-    child._sum.inc(total)  # noqa: SLF001
+    child._sum.inc(total)

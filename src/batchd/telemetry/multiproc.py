@@ -37,4 +37,4 @@ def mark_dead(pid: int) -> None:
     if path:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, path)
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
