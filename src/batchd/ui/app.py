@@ -231,12 +231,15 @@ class Dashboard:
 
     # -- deployments -------------------------------------------------------------------------
     async def deployments(self, request: Request, viewer: Viewer) -> Response:
-        rows = await self._dash.deployments()
-        return self._render(request, viewer, "deployments.html", deployments=rows)
+        return await self._deployments(request, viewer, "deployments.html")
 
     async def deployments_live(self, request: Request, viewer: Viewer) -> Response:
+        return await self._deployments(request, viewer, "_deployments.html")
+
+    async def _deployments(self, request: Request, viewer: Viewer, name: str) -> Response:
         rows = await self._dash.deployments()
-        return self._render(request, viewer, "_deployments.html", deployments=rows)
+        span = next((d.recent.seconds for d in rows if d.recent is not None), 0.0)
+        return self._render(request, viewer, name, deployments=rows, span=span)
 
     # -- signing in -------------------------------------------------------------------------
     async def login(self, request: Request) -> Response:
