@@ -37,6 +37,7 @@ from batchd.service.input_line import (
     line_decoder,
 )
 from batchd.store.sql import Store
+from batchd.telemetry.logs import about
 from batchd.telemetry.meters import DeploymentMeter
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,12 @@ class ShardRun:
                 self._record(i, is_output, line, usage_of_line(line) if is_output else None)
                 adopted += 1
         if adopted:
-            log.info("shard %s/%d: adopted %d journaled results", *self.key, adopted)
+            log.info(
+                "shard %s/%d: adopted %d journaled results",
+                *self.key,
+                adopted,
+                extra=about(self.claim),
+            )
 
     async def run(self) -> None:
         c = self.claim
@@ -281,7 +287,7 @@ class ShardRun:
                 result = await self._execute(req)
             except Exception as exc:
                 # A defect, not the line's doing: that line fails, the shard goes on.
-                log.exception("shard %s/%d: line %d failed", *self.key, i)
+                log.exception("shard %s/%d: line %d failed", *self.key, i, extra=about(self.claim))
                 result = (False, error_line(req.custom_id, "internal_error", repr(exc)), None)
             if result is None:
                 continue  # stopped or past the deadline: left undone for the finaliser

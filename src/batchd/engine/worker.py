@@ -32,6 +32,7 @@ from batchd.models import CANCELLING, BatchRecord, ValidationIssue, new_id, now
 from batchd.service.activation import Activator
 from batchd.service.files import FileService
 from batchd.store.sql import Store
+from batchd.telemetry.logs import about
 from batchd.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -179,17 +180,18 @@ class Engine:
         try:
             await run.run()
         except LeaseLost:
-            log.warning("shard %s/%d: lease lost to another worker", *run.key)
+            log.warning("shard %s/%d: lease lost to a worker", *run.key, extra=about(run.claim))
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("shard %s/%d failed; it will be claimed again", *run.key)
+            log.exception("shard %s/%d failed; claimed again", *run.key, extra=about(run.claim))
         finally:
             if run.park_until:
                 log.info(
                     "shard %s/%d parked for %.0f s: the deployment asked for a pause",
                     *run.key,
                     run.park_until - time.time(),
+                    extra=about(run.claim),
                 )
             self._runs.pop(run.key, None)
             self._wake.set()
@@ -230,7 +232,7 @@ class Engine:
             for key in lost:
                 run = self._runs.get(key)
                 if run is not None:
-                    log.warning("shard %s/%d: lease lost", *key)
+                    log.warning("shard %s/%d: lease lost", *key, extra=about(run.claim))
                     run.lost = True
                     run.request_stop("batch_cancelled")
 

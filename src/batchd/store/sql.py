@@ -579,6 +579,7 @@ class Store:
                 of_batch(batches.c.endpoint).label("endpoint"),
                 of_batch(batches.c.input_blob_key).label("input_blob_key"),
                 of_batch(batches.c.expires_at).label("expires_at"),
+                of_batch(batches.c.project).label("project"),
             )
         )
         async with self._write() as conn:
@@ -596,6 +597,7 @@ class Store:
                 endpoint=r["endpoint"],
                 input_blob_key=r["input_blob_key"],
                 expires_at=r["expires_at"],
+                project=r["project"],
             )
             for r in rows
         ]

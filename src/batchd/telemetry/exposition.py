@@ -65,9 +65,7 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._state
-        by_status = GaugeMetricFamily(
-            "batchd_batches", "Batches by status.", labels=["status"]
-        )
+        by_status = GaugeMetricFamily("batchd_batches", "Batches by status.", labels=["status"])
         for status in (*STATUSES, *sorted(set(s.batches) - set(STATUSES))):
             by_status.add_metric([status], s.batches.get(status, 0))
         yield by_status

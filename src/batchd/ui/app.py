@@ -82,9 +82,7 @@ def _environment() -> jinja2.Environment:
 
 
 class Dashboard:
-    def __init__(
-        self, dashboard: DashboardService, files: FileService, sessions: Sessions
-    ) -> None:
+    def __init__(self, dashboard: DashboardService, files: FileService, sessions: Sessions) -> None:
         self._dash = dashboard
         self._files = files
         self._sessions = sessions
@@ -256,9 +254,7 @@ class Dashboard:
             return self._render(request, viewer, "error.html", 403, message=str(exc))
         key = key.strip() if isinstance(key, str) else ""
         if not key or self._sessions.project_of(key) is None:
-            return self._render(
-                request, viewer, "login.html", 401, error="That key is not valid."
-            )
+            return self._render(request, viewer, "login.html", 401, error="That key is not valid.")
         response = self._redirect("/ui/")
         self._sessions.sign_in(response, request, key)
         return response
