@@ -1,7 +1,8 @@
 """Logging: plain text (default) or one JSON object a line, with secrets scrubbed.
 
 Every line about a batch carries its id and project: log with ``extra=about(batch)``.
-Text lines end with `` batch=ID project=P``; JSON lines have ``batch_id`` and ``project``
+Text lines end with `` batch=ID project=P`` (each left out when the message already says it,
+as in ``batch ID (project P) completed``); JSON lines have ``batch_id`` and ``project``
 keys. A JSON line is ``{"time", "level", "logger", "message", ...}`` with ``time`` in
 RFC 3339 UTC, plus ``exception`` when there is a traceback.
 
@@ -28,7 +29,6 @@ from batchd.config import Settings
 MIN_SECRET = 6
 REDACTED = "[redacted]"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_CONTEXT = ("batch_id", "project")
 # Attributes every LogRecord has: anything else came in ``extra`` and goes to JSON lines.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -84,10 +84,16 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        message = record.getMessage()
+        batch_id = getattr(record, "batch_id", None)
+        project = getattr(record, "project", None)
         context = " ".join(
-            f"{key.removesuffix('_id')}={getattr(record, key)}"
-            for key in _CONTEXT
-            if getattr(record, key, None)
+            part
+            for part, shown in (
+                (f"batch={batch_id}", not batch_id or batch_id in message),
+                (f"project={project}", not project or f"project {project}" in message),
+            )
+            if not shown
         )
         if context:
             head, nl, rest = line.partition("\n")
