@@ -90,12 +90,12 @@ class Dashboard:
 
     # -- rendering ------------------------------------------------------------------------
     def _render(
-        self, request: Request, viewer: Viewer, name: str, status: int = 200, **ctx: Any
+        self, request: Request, viewer: Viewer, name: str, http_status: int = 200, **ctx: Any
     ) -> Response:
         html = self._env.get_template(name).render(
             viewer=viewer, auth=self._sessions.auth_enabled, path=request.url.path, **ctx
         )
-        response = HTMLResponse(html, status_code=status, headers=HEADERS)
+        response = HTMLResponse(html, status_code=http_status, headers=HEADERS)
         self._sessions.remember(response, request, viewer)
         return response
 

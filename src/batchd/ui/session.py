@@ -30,6 +30,7 @@ KEY_COOKIE = "batchd_key"
 CSRF_COOKIE = "batchd_csrf"
 COOKIE_PATH = "/ui"
 KEY_MAX_AGE = 30 * 86400
+MIN_TOKEN = 32  # characters of a CSRF token we would have made (43 from 32 random bytes)
 
 
 class NotSignedIn(Exception):
@@ -59,7 +60,7 @@ class Sessions:
     def viewer(self, request: Request, *, required: bool = True) -> Viewer:
         """The request's viewer; :class:`NotSignedIn` when a key is needed and missing."""
         token = request.cookies.get(CSRF_COOKIE, "")
-        new = len(token) < 32
+        new = len(token) < MIN_TOKEN
         if new:
             token = secrets.token_urlsafe(32)
         if not self._auth.enabled:
@@ -93,7 +94,7 @@ class Sessions:
         """Raise :class:`Forbidden` unless the POST came from the dashboard's page."""
         cls.check_origin(request)
         cookie = request.cookies.get(CSRF_COOKIE, "")
-        if not cookie or not form_token or not hmac.compare_digest(cookie, form_token):
+        if len(cookie) < MIN_TOKEN or not form_token or not hmac.compare_digest(cookie, form_token):
             raise Forbidden("The form is out of date (no or a wrong CSRF token): reload the page.")
 
     @staticmethod
