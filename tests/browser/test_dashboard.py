@@ -162,6 +162,10 @@ def test_upload_creates_a_batch(
     page.reload()
     assert page.get_attribute("#batch", "data-status") == "completed"
 
+    page.goto(server.url + "/ui/deployments")
+    row = page.inner_text("tr[data-deployment='gpt-4o']")
+    assert "/ 32" in row  # in flight / the configured limit
+
 
 def test_readable_on_a_phone(signed_in: Callable[[str], Any], server: Server) -> None:
     page = signed_in(API_KEY)
