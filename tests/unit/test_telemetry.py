@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from bisect import bisect_left
 
 import pytest
@@ -244,3 +245,32 @@ def test_openapi_lists_the_azure_trees() -> None:
     ids = [op["operationId"] for item in paths.values() for op in item.values()]
     assert len(ids) == len(set(ids)) == 3
     assert set(schema["components"]["securitySchemes"]) == {"bearer", "api-key"}
+
+
+def test_grafana_dashboard_names_only_real_series() -> None:
+    from pathlib import Path
+
+    from batchd.store.state import QueueState, SlotUse
+    from batchd.telemetry.exposition import LimitsCollector, StateCollector
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.deployment("m", _Limiter())
+    metrics.flush()
+    settings = load_settings(None)
+    state = QueueState(slots={"m": SlotUse(1, 2, 3)})
+    names = {
+        s.name
+        for collector in (registry, LimitsCollector(settings), StateCollector(state))
+        for family in collector.collect()
+        for s in family.samples
+    } | {f.name for f in registry.collect()}
+    root = Path(__file__).parents[2]
+    dashboard = json.loads((root / "docs" / "grafana" / "batchd.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"batchd_[a-z_]+", e)}
+    known = names | {n + suffix for n in names for suffix in ("_total", "_bucket")}
+    assert used and used <= known, used - known
+    documented = (root / "docs" / "observability.md").read_text()
+    undocumented = [n for n in used if f"`{n.removesuffix('_bucket')}`" not in documented]
+    assert undocumented == []
