@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio.to_thread
@@ -20,6 +20,7 @@ from starlette.responses import RedirectResponse, Response
 
 from batchd.api import docs, errors
 from batchd.api.auth import Authenticator
+from batchd.api.readiness import Readiness
 from batchd.api.routes import Services, build_router, json_response
 from batchd.blobs.base import Blobs
 from batchd.config import Settings
@@ -46,14 +47,19 @@ def create_app(
     *,
     owner: str,
     hooks: Sequence[contextlib.AbstractAsyncContextManager[Any]] = (),
+    engine_process: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
+    """``engine_process``: the state of ``batchd serve``'s embedded engine process, shown
+    by ``/readyz``."""
     activator = Activator(settings, store)
     metrics = Metrics()
+    readiness = Readiness(store, engine_process)
     services = Services(
         files=FileService(settings, store, blobs, metrics),
         batches=BatchService(settings, store, activator),
         auth=Authenticator(settings.auth),
         max_upload_bytes=settings.limits.max_file_bytes,
+        readiness=readiness,
     )
     ready = asyncio.Event()
 
@@ -116,5 +122,10 @@ def create_app(
         if not ready.is_set():
             return json_response({"status": "starting"}, 503)
         return json_response({"status": "ok"})
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        ok, body = await readiness.check()
+        return json_response(body, 200 if ok else 503)
 
     return app

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.responses import Response, StreamingResponse
 
 from batchd.api.auth import Authenticator
+from batchd.api.readiness import Readiness
 from batchd.api.upload import read_form
 from batchd.errors import InvalidRequest, TooLarge
 from batchd.models import API_AZURE, API_OPENAI
@@ -33,6 +34,7 @@ class Services:
     batches: BatchService
     auth: Authenticator
     max_upload_bytes: int
+    readiness: Readiness
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -287,6 +289,8 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
             output_expires_after=body.output_expires_after,
             api=api_of(request),
         )
+        if rec.status == "in_progress":
+            await services(request).readiness.note_queued(rec.id)
         return json_response(rec.to_wire())
 
     @router.get("/batches", summary="List batches, newest first")

@@ -13,7 +13,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 from batchd.backends.base import Backend
@@ -78,6 +78,7 @@ class Engine:
         }
         self._activation_failures = FailureTracker("starting batch")
         self._finalize_failures = FailureTracker("finalising batch")
+        self._shard_failures = FailureTracker("running shard")
         self.slots = SlotLeaser(
             store, owner, [r.limiter for r in self._routes.values()], self._cfg.lease_seconds
         )
@@ -183,8 +184,10 @@ class Engine:
             log.warning("shard %s/%d: lease lost to a worker", *run.key, extra=about(run.claim))
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("shard %s/%d failed; claimed again", *run.key, extra=about(run.claim))
+        except Exception as exc:
+            await self._shard_failed(run, exc)
+        else:
+            self._shard_failures.succeeded(f"{run.key[0]}/{run.key[1]}")
         finally:
             if run.park_until:
                 log.info(
@@ -196,6 +199,22 @@ class Engine:
             self._runs.pop(run.key, None)
             self._wake.set()
             self._shard_ended.set()
+
+    async def _shard_failed(self, run: ShardRun, exc: Exception) -> None:
+        """A shard whose run raised (its input unreadable, say) is released and not claimed
+        again before a backoff, not retried at once in a loop; after a few failures its
+        batch ends ``failed``."""
+        key = f"{run.key[0]}/{run.key[1]}"
+        failures = self._shard_failures
+        count = failures.failed(key, exc)
+        if failures.given_up(key):
+            await self._give_up(run.claim.batch_id, failures, "run", key=key)
+            return
+        not_before = time.time() + min(60.0, 2.0 * 2 ** (count - 1))
+        try:
+            await self._store.release_shard(run.claim, not_before)
+        except Exception:
+            log.exception("shard %s: releasing it failed; its lease lapses instead", key)
 
     def _idle_wait(self) -> float:
         """How long the claim and finalise loops wait when they found nothing: ``poll_seconds``,
@@ -280,16 +299,11 @@ class Engine:
         """Finalise one leased batch, renewing the lease while it runs. A failure is retried
         (the lease lapses and the batch is claimed again) and, after a few, ends the batch
         ``failed``; the loop goes on with the other batches meanwhile."""
-        failures = self._finalize_failures
         heartbeat = asyncio.get_running_loop().create_task(self._renew_finalize(batch.id))
         try:
-            await self._finalizer.finalize(batch)
-        except Exception as exc:
-            failures.failed(batch.id, exc)
-            if failures.given_up(batch.id):
-                await self._give_up(batch.id, failures, "finalised")
-        else:
-            failures.succeeded(batch.id)
+            await self._try_batch(
+                self._finalize_failures, batch.id, "finalised", self._finalizer.finalize(batch)
+            )
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -305,19 +319,36 @@ class Engine:
             except Exception:
                 log.exception("batch %s: renewing the finalising lease failed", batch_id)
 
-    async def _give_up(self, batch_id: str, failures: FailureTracker, what: str) -> None:
-        """End a batch whose handling keeps failing: ``failed``, naming the error."""
+    async def _try_batch(
+        self, failures: FailureTracker, batch_id: str, what: str, work: Awaitable[None]
+    ) -> None:
+        """Run one batch's step; a failure is counted (and logged) for that batch alone, and
+        after :data:`MAX_TRIES` the batch ends ``failed``."""
+        try:
+            await work
+        except Exception as exc:
+            failures.failed(batch_id, exc)
+            if failures.given_up(batch_id):
+                await self._give_up(batch_id, failures, what)
+        else:
+            failures.succeeded(batch_id)
+
+    async def _give_up(
+        self, batch_id: str, failures: FailureTracker, what: str, *, key: str | None = None
+    ) -> None:
+        """End a batch whose handling (of ``key``: the batch, or one of its shards) keeps
+        failing: ``failed``, naming the error."""
+        key = key or batch_id
         issue = ValidationIssue(
             "internal_error",
-            f"The batch could not be {what} after {MAX_TRIES} tries: "
-            f"{failures.last_error(batch_id)}",
+            f"The batch could not be {what} after {MAX_TRIES} tries: {failures.last_error(key)}",
             None,
             None,
         )
         try:
             if await self._store.fail_started_batch(batch_id, issue, now()):
                 log.error("batch %s failed: %s", batch_id, issue.message)
-            failures.succeeded(batch_id)
+            failures.succeeded(key)
         except Exception:
             log.exception("batch %s: recording its failure failed", batch_id)
 
@@ -353,14 +384,7 @@ class Engine:
         for batch in waiting:
             if not failures.due(batch.id):
                 continue
-            try:
-                await self._activator.activate(batch)
-            except Exception as exc:
-                failures.failed(batch.id, exc)
-                if failures.given_up(batch.id):
-                    await self._give_up(batch.id, failures, "started")
-            else:
-                failures.succeeded(batch.id)
+            await self._try_batch(failures, batch.id, "started", self._activator.activate(batch))
 
     async def _collect_deleted(self) -> None:
         for rec in await self._store.deleted_files_unreferenced():

@@ -43,10 +43,19 @@ from batchd.models import (
 )
 from batchd.store import slots, state
 from batchd.store.codec import decode_issues, decode_metadata, decode_summary, encode
-from batchd.store.schema import batches, events, files, parts, shards
+from batchd.store.schema import batches, deployment_slots, events, files, parts, shards
 from batchd.store.slots import SlotDemand, SlotGrant
 
 UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
+def _finalising(batch_id: str, owner: str) -> Any:
+    """The batch, while ``owner`` holds its finalising lease and it has not ended."""
+    return and_(
+        batches.c.id == batch_id,
+        batches.c.final_owner == owner,
+        batches.c.status.not_in(tuple(TERMINAL)),
+    )
+
+
 _HAS_SHARDS = exists().where(shards.c.batch_id == batches.c.id)
 # Not started: validating, or cancelled before its shards were made.
 _NOT_STARTED = or_(
@@ -626,6 +635,22 @@ class Store:
             kept = {(r.batch_id, r.idx) for r in await conn.execute(stmt)}
         return [(b, i) for b, i, _ in keys if (b, i) not in kept]
 
+    async def release_shard(self, claim: ShardClaim, not_before: float) -> bool:
+        """Give a held shard back without a checkpoint, not to be claimed before
+        ``not_before`` (its run failed). Fenced by the claim's token."""
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(shards)
+                .where(
+                    shards.c.batch_id == claim.batch_id,
+                    shards.c.idx == claim.idx,
+                    shards.c.token == claim.token,
+                    shards.c.status == SHARD_PENDING,
+                )
+                .values(lease_owner=None, lease_until=None, not_before=not_before)
+            )
+            return bool(res.rowcount)
+
     async def checkpoint(
         self,
         claim: ShardClaim,
@@ -797,13 +822,7 @@ class Store:
         """Extend the finalising lease (the finaliser's heartbeat); False if it was lost."""
         async with self._write() as conn:
             res = await conn.execute(
-                update(batches)
-                .where(
-                    batches.c.id == batch_id,
-                    batches.c.final_owner == owner,
-                    batches.c.status.not_in(tuple(TERMINAL)),
-                )
-                .values(final_until=until)
+                update(batches).where(_finalising(batch_id, owner)).values(final_until=until)
             )
             return bool(res.rowcount)
 
@@ -873,11 +892,7 @@ class Store:
         async with self._write() as conn:
             res = await conn.execute(
                 update(batches)
-                .where(
-                    batches.c.id == batch_id,
-                    batches.c.final_owner == owner,
-                    batches.c.status.not_in(tuple(TERMINAL)),
-                )
+                .where(_finalising(batch_id, owner))
                 .values(
                     status=status,
                     output_file_id=output_file.id if output_file else None,
@@ -910,6 +925,14 @@ class Store:
         """Batches by status, shards waiting and leased, slot leases (see store/state.py)."""
         async with self._read() as conn:
             return await state.read(conn, now)
+
+    async def live_engines(self, now: float) -> int:
+        """Engine processes alive now: each renews its slot leases every second or so
+        (``deployment_slots``), so a process with an unexpired lease is running."""
+        t = deployment_slots
+        q = select(func.count(func.distinct(t.c.owner))).where(t.c.until >= now)
+        async with self._read() as conn:
+            return int((await conn.execute(q)).scalar_one())
 
     async def release_slots(self, owner: str) -> None:
         async with self._write() as conn:

@@ -124,6 +124,14 @@ class JsonFormatter(logging.Formatter):
         return self._scrub(orjson.dumps(out, default=str).decode())
 
 
+def is_error_line(line: str) -> bool:
+    """Whether a line in either format is of level ERROR or CRITICAL."""
+    return any(
+        mark in line
+        for mark in (" ERROR ", " CRITICAL ", '"level":"error"', '"level":"critical"')
+    )
+
+
 def setup(settings: Settings) -> None:
     """Send every logger's lines to stderr in the configured format (``log_format``), at
     ``log_level``. Replaces handlers set before (it runs once a process)."""
