@@ -12,7 +12,7 @@ import re
 import tomllib
 import urllib.request
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -58,7 +58,12 @@ class Deployment(_Strict):
     headers: dict[str, str] = Field(
         default_factory=dict, description="sent upstream on every request of this deployment"
     )
-    max_concurrency: int = Field(default=64, ge=1, le=100_000)
+    max_concurrency: Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"] = Field(
+        default=64,
+        description='requests in flight across all workers; "auto": found by the engine, '
+        "up to max_concurrency_cap",
+    )
+    max_concurrency_cap: int = Field(default=256, ge=1, le=100_000)
     max_attempts: int = Field(
         default=10,
         ge=1,
@@ -76,6 +81,17 @@ class Deployment(_Strict):
         le=1024,
         description="backend = local: CPU threads for the model's matrix products; 0 = a core each",
     )
+
+    @property
+    def adaptive(self) -> bool:
+        """``max_concurrency = "auto"``: the engine finds the limit (engine/adaptive.py)."""
+        return self.max_concurrency == "auto"
+
+    @property
+    def concurrency_limit(self) -> int:
+        """The most requests ever in flight: ``max_concurrency``, or the cap with ``auto``."""
+        m = self.max_concurrency
+        return self.max_concurrency_cap if m == "auto" else m
 
     @model_validator(mode="after")
     def _backend_needs(self) -> Deployment:
@@ -142,6 +158,15 @@ class EngineSettings(_Strict):
     max_shards: int = Field(default=8, ge=1, description="shards one process runs at once")
 
 
+class ProjectSettings(_Strict):
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="the project's share of every deployment's slots, relative to the others",
+    )
+
+
 class Webhook(_Strict):
     url: str
     secret: str | None = None
@@ -172,6 +197,7 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     webhooks: list[Webhook] = Field(default_factory=list)
+    projects: dict[str, ProjectSettings] = Field(default_factory=dict)
     migrate_on_start: bool = True
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
@@ -207,6 +233,11 @@ class Settings(BaseSettings):
             Deployment(model=DEFAULT_CHAT_MODEL, backend="local", max_concurrency=32),
             Deployment(model=DEFAULT_EMBEDDING_MODEL, backend="local", max_concurrency=64),
         ]
+
+    def project_weight(self, project: str) -> float:
+        """``[projects.NAME] weight``, 1 for a project not configured."""
+        settings = self.projects.get(project)
+        return settings.weight if settings is not None else 1.0
 
     def deployment_for(self, model: str) -> Deployment | None:
         for d in self.effective_deployments():

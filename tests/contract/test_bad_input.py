@@ -127,7 +127,9 @@ def test_every_bad_line_is_listed(c: OpenAI) -> None:
     dup = json.dumps(line(cid="r0")).encode()
     rows = [good[0], b"{oops", good[1], b'{"custom_id": "r1"', good[2], dup, good[3]]
     data = b"\n".join(rows) + b"\n"
-    _, batch = create_failed(c, data)
+    file, batch = create_failed(c, data)
+    assert file.status_details is not None
+    assert file.status_details.endswith("(3 problems, on lines 2, 4, 6)")
     assert codes(batch) == [
         ("invalid_json_line", 2, None),
         ("invalid_json_line", 4, None),

@@ -52,7 +52,8 @@ class DeploymentView:
     model: str
     backend: str
     target: str  # the upstream URL (no credentials) or the embedded model
-    limit: int
+    limit: int  # max_concurrency, or max_concurrency_cap when adaptive
+    adaptive: bool  # max_concurrency = "auto"
     slots: SlotUse | None  # leases of the live engine processes (from the store)
     recent: Recent | None  # from this host's metrics
 
@@ -209,7 +210,8 @@ class DashboardService:
                 model=d.model,
                 backend=d.backend,
                 target=public_target(d),
-                limit=d.max_concurrency,
+                limit=d.concurrency_limit,
+                adaptive=d.adaptive,
                 slots=state.slots.get(d.model),
                 recent=recent.get(d.model),
             )

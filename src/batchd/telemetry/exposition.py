@@ -10,7 +10,7 @@ store):
   the deployment's in-flight slots held and wanted by the live engine processes;
 
 and from the configuration: ``batchd_upstream_concurrency_limit{deployment}`` (its
-``max_concurrency``).
+``max_concurrency``; with ``"auto"``, ``max_concurrency_cap``).
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ class LimitsCollector(Collector):
     """Each deployment's configured concurrency limit."""
 
     def __init__(self, settings: Settings) -> None:
-        self._limits = {d.model: d.max_concurrency for d in settings.effective_deployments()}
+        self._limits = {d.model: d.concurrency_limit for d in settings.effective_deployments()}
 
     def collect(self) -> Iterator[Metric]:
         limit = GaugeMetricFamily(
             "batchd_upstream_concurrency_limit",
-            "Requests a deployment may have in flight across all engines (max_concurrency).",
+            "Requests a deployment may have in flight across all engines (max_concurrency; "
+            'with "auto", max_concurrency_cap).',
             labels=["deployment"],
         )
         for name, value in self._limits.items():

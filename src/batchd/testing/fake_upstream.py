@@ -5,6 +5,10 @@ It answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
 the last user message), with switches set by ``POST /_control``:
 
 - ``latency``: seconds before each answer;
+- ``capacity``: a model server's capacity (0: unlimited): it serves that many requests at
+  once, each for ``latency``, and queues the rest first come first served, so that their
+  latency grows with the queue; past ``queue_limit`` waiting it answers 429
+  (``retry-after: 1``), as vLLM behind a gateway does;
 - ``fail_rate``: share of requests answered 500;
 - ``rate_limit_rate``: share answered 429 with ``retry-after: <retry_after>``;
 - ``reject_content``: a substring that makes a chat request a final 400;
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import random
 import time
 import uuid
@@ -41,6 +46,8 @@ from aiohttp import web
 @dataclass
 class Switches:
     latency: float = 0.0
+    capacity: int = 0
+    queue_limit: int = 1_000_000
     fail_rate: float = 0.0
     rate_limit_rate: float = 0.0
     retry_after: float = 0.05
@@ -236,44 +243,88 @@ async def _odd_answer(
     return resp
 
 
+class _Server:
+    """The capacity model: ``capacity`` places, a FIFO queue for the rest."""
+
+    def __init__(self) -> None:
+        self.serving = 0
+        self.queue: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def enter(self, switches: Switches) -> bool:
+        """A place (waiting for it); False when the queue is full (answer 429)."""
+        if self.serving < switches.capacity and not self.queue:
+            self.serving += 1
+            return True
+        if len(self.queue) >= switches.queue_limit:
+            return False
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue.append(fut)
+        await fut  # the place is handed over by leave()
+        return True
+
+    def leave(self) -> None:
+        while self.queue:
+            fut = self.queue.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.serving -= 1
+
+
+async def _respond(
+    request: web.Request, raw: bytes, switches: Switches, stats: Stats
+) -> web.StreamResponse:
+    """The answer to one request, once it is its turn to be served."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        stats.status[400] += 1
+        return _error(
+            400, "We could not parse the JSON body of your request.", "invalid_request_error"
+        )
+    prompt = _prompt(body)
+    stats.attempts[prompt] += 1
+    behaviour = _behaviour(switches, str(body.get("model", "")), prompt)
+    if behaviour is not None:
+        return await _odd_answer(request, behaviour, body, prompt, stats)
+    failure = _injected_failure(switches, prompt)
+    if failure is not None:
+        stats.status[failure.status] += 1
+        return failure
+    stats.status[200] += 1
+    stats.answered[prompt] += 1
+    return web.Response(
+        body=orjson.dumps(answer(request.path, body)),
+        content_type="application/json",
+        headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
+    )
+
+
 def make_app(latency: float = 0.0) -> web.Application:
     switches = Switches(latency=latency)
     stats = Stats()
+    server = _Server()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         stats.requests += 1
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        entered = False
         try:
             raw = await request.read()
+            if switches.capacity:
+                entered = await server.enter(switches)
+                if not entered:
+                    stats.status[429] += 1
+                    resp = _error(429, "The server is busy.", "rate_limit_error")
+                    resp.headers["retry-after"] = "1"
+                    return resp
             if switches.latency:
                 await asyncio.sleep(switches.latency)
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                stats.status[400] += 1
-                return _error(
-                    400,
-                    "We could not parse the JSON body of your request.",
-                    "invalid_request_error",
-                )
-            prompt = _prompt(body)
-            stats.attempts[prompt] += 1
-            behaviour = _behaviour(switches, str(body.get("model", "")), prompt)
-            if behaviour is not None:
-                return await _odd_answer(request, behaviour, body, prompt, stats)
-            failure = _injected_failure(switches, prompt)
-            if failure is not None:
-                stats.status[failure.status] += 1
-                return failure
-            stats.status[200] += 1
-            stats.answered[prompt] += 1
-            return web.Response(
-                body=orjson.dumps(answer(request.path, body)),
-                content_type="application/json",
-                headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
-            )
+            return await _respond(request, raw, switches, stats)
         finally:
+            if entered:
+                server.leave()
             stats.in_flight -= 1
 
     async def control(request: web.Request) -> web.Response:
