@@ -200,6 +200,8 @@ class Settings(BaseSettings):
     projects: dict[str, ProjectSettings] = Field(default_factory=dict)
     migrate_on_start: bool = True
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = False
 
     @classmethod
     def settings_customise_sources(
