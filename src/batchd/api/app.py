@@ -16,9 +16,10 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from batchd.api import errors
+from batchd.api import errors, openapi
 from batchd.api.auth import Authenticator
-from batchd.api.routes import Services, build_router, json_response
+from batchd.api.bodyguard import BodyGuard
+from batchd.api.routes import GET, Services, build_router, json_response
 from batchd.blobs.base import Blobs
 from batchd.config import Settings
 from batchd.service.activation import Activator
@@ -70,11 +71,13 @@ def create_app(
     )
     app.state.services = services
     errors.install(app)
+    openapi.install(app)
+    app.add_middleware(BodyGuard, timeout=settings.limits.body_timeout_seconds)
     router = build_router()
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix, include_in_schema=prefix == "/v1")
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.api_route("/healthz", methods=GET, include_in_schema=False)
     async def healthz() -> Response:
         if not ready.is_set():
             return json_response({"status": "starting"}, 503)

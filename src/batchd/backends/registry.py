@@ -25,4 +25,5 @@ def build_backend(deployment: Deployment) -> Backend:
         deployment.base_url,
         api_key=deployment.api_key,
         max_concurrency=deployment.max_concurrency,
+        max_response_bytes=deployment.max_response_bytes,
     )

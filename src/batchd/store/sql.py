@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, insert, or_, select, tuple_, update
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from batchd.errors import LeaseLost, StoreError
+from batchd.errors import LeaseLost, QuotaExceeded, StoreError
 from batchd.models import (
     CANCELLING,
     FAILED,
@@ -46,6 +46,12 @@ from batchd.store.schema import batches, events, files, parts, shards
 from batchd.store.slots import SlotDemand, SlotGrant
 
 UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
+
+# Namespaces of the PostgreSQL advisory locks that make a limit's check and its take one
+# step between replicas (``pg_advisory_xact_lock(namespace, hashtext(key))``). SQLite needs
+# none: its write transactions (``BEGIN IMMEDIATE``) already run one at a time.
+LOCK_FILE_COUNT = 0x62640001  # key: the project (limits.max_files)
+LOCK_ENQUEUED_TOKENS = 0x62640002  # key: the deployment's model (enqueued_token_limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +190,33 @@ class Store:
         async with self._read() as conn:
             await conn.execute(select(1))
 
+    async def _lock(self, conn: AsyncConnection, namespace: int, key: str) -> None:
+        """Hold ``(namespace, key)`` until the transaction ends (PostgreSQL; on SQLite the
+        write transaction is exclusive already)."""
+        if self.dialect == "postgresql":
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:ns, hashtext(:key))"),
+                {"ns": namespace, "key": key},
+            )
+
     # -- files -------------------------------------------------------------------
-    async def insert_file(self, rec: FileRecord) -> None:
+    async def insert_file(self, rec: FileRecord, *, max_files: int | None = None) -> None:
+        """Record a file. With ``max_files``, only while its project has fewer files (not
+        deleted, result files included): counted and taken in this one transaction under a
+        per-project lock, so concurrent uploads on any number of replicas never pass the
+        limit. Raises :class:`QuotaExceeded` (nothing recorded) at the limit."""
         async with self._write() as conn:
+            if max_files is not None:
+                await self._lock(conn, LOCK_FILE_COUNT, rec.project)
+                used = (
+                    await conn.execute(
+                        select(func.count()).where(
+                            files.c.project == rec.project, files.c.deleted_at.is_(None)
+                        )
+                    )
+                ).scalar_one()
+                if used >= max_files:
+                    raise QuotaExceeded(f"{used} files of {max_files}", used=int(used))
             await conn.execute(insert(files).values(**_file_values(rec)))
 
     async def get_file(self, file_id: str, project: str | None = None) -> FileRecord | None:
@@ -382,6 +412,13 @@ class Store:
         async with self._read() as conn:
             return int((await conn.execute(q)).scalar_one())
 
+    async def delete_unstarted_batch(self, batch_id: str) -> None:
+        """Remove a batch still ``validating`` (one whose create did not finish)."""
+        async with self._write() as conn:
+            await conn.execute(
+                delete(batches).where(batches.c.id == batch_id, batches.c.status == VALIDATING)
+            )
+
     async def activate_batch(
         self,
         batch_id: str,
@@ -390,9 +427,28 @@ class Store:
         spans: Sequence[ShardSpan],
         token_estimate: int,
         at: int,
+        token_limit: int = 0,
     ) -> bool:
-        """validating -> in_progress, creating the batch's shards. False if no longer validating."""
+        """validating -> in_progress, creating the batch's shards. False if no longer validating.
+
+        With ``token_limit``, the model's enqueued tokens (the estimates of its unfinished
+        batches) plus this one's must stay within it: checked and taken in this one
+        transaction under a per-model lock, so two batches activated at once on any
+        replicas cannot both pass. Raises :class:`QuotaExceeded` (nothing changed) if not."""
         async with self._write() as conn:
+            if token_limit and model is not None:
+                await self._lock(conn, LOCK_ENQUEUED_TOKENS, model)
+                used = (
+                    await conn.execute(
+                        select(func.coalesce(func.sum(batches.c.token_estimate), 0)).where(
+                            batches.c.model == model,
+                            batches.c.status.in_(UNFINISHED),
+                            batches.c.id != batch_id,
+                        )
+                    )
+                ).scalar_one()
+                if used + token_estimate > token_limit:
+                    raise QuotaExceeded(f"{used} tokens of {token_limit}", used=int(used))
             res = await conn.execute(
                 update(batches)
                 .where(batches.c.id == batch_id, batches.c.status == VALIDATING)
