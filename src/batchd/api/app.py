@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from batchd.api import errors, openapi
@@ -74,8 +75,13 @@ def create_app(
     openapi.install(app)
     app.add_middleware(BodyGuard, timeout=settings.limits.body_timeout_seconds)
     router = build_router()
+    methods = app.state.methods = errors.MethodTable()
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix, include_in_schema=prefix == "/v1")
+        for route in router.routes:
+            if isinstance(route, APIRoute):
+                methods.add(prefix + route.path, route.methods)
+    methods.add("/healthz", GET)
 
     @app.api_route("/healthz", methods=GET, include_in_schema=False)
     async def healthz() -> Response:

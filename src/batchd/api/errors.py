@@ -10,7 +10,8 @@ names in ``Allow`` every method the path has (RFC 9110 §15.5.6), not only one r
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 
 import orjson
 from fastapi import FastAPI, Request
@@ -18,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
-from starlette.routing import Match
+from starlette.routing import compile_path
 
 from batchd.errors import ApiError
 
@@ -87,14 +88,22 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     )
 
 
-def allowed_methods(request: Request) -> list[str]:
-    """Every method some route accepts at the request's path."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
-            methods.update(getattr(route, "methods", None) or ())
-    return sorted(methods)
+class MethodTable:
+    """Which methods each route path accepts, to name them all in a 405's ``Allow``."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[re.Pattern[str], frozenset[str]]] = []
+
+    def add(self, path: str, methods: Iterable[str]) -> None:
+        regex, _, _ = compile_path(path)
+        self._routes.append((regex, frozenset(methods)))
+
+    def allowed(self, path: str) -> list[str]:
+        found: set[str] = set()
+        for regex, methods in self._routes:
+            if regex.match(path):
+                found |= methods
+        return sorted(found)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -105,7 +114,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         message = "Not found: no such route."
     elif exc.status_code == 405:
-        allow = allowed_methods(request)
+        table: MethodTable = request.app.state.methods
+        allow = table.allowed(request.url.path)
         headers["Allow"] = ", ".join(allow)
         message = f"Method {request.method[:16]} not allowed here; allowed: {', '.join(allow)}."
     return error_response(exc.status_code, message, code=code, headers=headers)

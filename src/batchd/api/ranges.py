@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from batchd.errors import RangeNotSatisfiable
 
-MAX_HEADER = 4096  # longer: ignored (a real client's header is a few dozen bytes)
+MAX_HEADER = 16 * 1024  # longer: ignored (a real client's header is a few dozen bytes)
 _SPEC = re.compile(r"([0-9]*)-([0-9]*)", re.ASCII)
 _BIG = 10**18  # any position this large is past the end of every file
 
