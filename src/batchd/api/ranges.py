@@ -34,8 +34,19 @@ class ByteRange:
         return f"bytes {self.start}-{self.end - 1}/{size}"
 
 
+def _digits(digits: str) -> str:
+    return digits.lstrip("0") or "0"  # leading zeros are allowed and say nothing
+
+
 def _number(digits: str) -> int:
+    digits = _digits(digits)
     return int(digits) if len(digits) <= 18 else _BIG
+
+
+def _below(a: str, b: str) -> bool:
+    """Whether the number written ``a`` is below the one written ``b`` (any length)."""
+    a, b = _digits(a), _digits(b)
+    return (len(a), a) < (len(b), b)
 
 
 def _spec(text: str, size: int) -> ByteRange | bool | None:
@@ -48,9 +59,9 @@ def _spec(text: str, size: int) -> ByteRange | bool | None:
     if not first:  # suffix-range: the last N bytes
         n = _number(last)
         return ByteRange(max(0, size - n), size) if n > 0 and size > 0 else None
-    start = _number(first)
-    if last and _number(last) < start:
+    if last and _below(last, first):
         return False
+    start = _number(first)
     if start >= size:
         return None
     end = min(size, _number(last) + 1) if last else size
