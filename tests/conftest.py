@@ -24,7 +24,12 @@ def shared_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstre
 def upstream(shared_upstream: Upstream) -> Upstream:
     """The module's fake upstream, with its switches and counters reset for each test."""
     shared_upstream.control(
-        latency=0.0, fail_rate=0.0, rate_limit_rate=0.0, retry_after=0.05, reject_content=None
+        latency=0.0,
+        fail_rate=0.0,
+        rate_limit_rate=0.0,
+        retry_after=0.05,
+        reject_content=None,
+        misbehave={},
     )
     shared_upstream.reset()
     return shared_upstream

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -62,7 +63,7 @@ def _engine(settings: Settings, store: Any, blobs: Any, owner: str) -> Any:
 def _describe(settings: Settings) -> None:
     for d in settings.effective_deployments():
         where = d.base_url if d.backend == "openai" else f"embedded model {d.local_model}"
-        log.info("deployment %s -> %s (max_concurrency %d)", d.model, where, d.max_concurrency)
+        log.info("deployment %s -> %s (max_concurrency %s)", d.model, where, d.max_concurrency)
 
 
 async def _serve(settings: Settings, host: str, port: int, config: str | None) -> None:
@@ -73,12 +74,21 @@ async def _serve(settings: Settings, host: str, port: int, config: str | None) -
     owner = _owner("serve")
     store, blobs = await _open(settings)
     hooks = []
+    engine = None
     if settings.engine.embedded:
-        hooks.append(_engine_process(config))
+        engine = EngineProcess(config)
+        hooks.append(engine.running())
     else:
         log.info("[engine] embedded = false: this server runs no batches; start `batchd worker`")
     _describe(settings)
-    app = create_app(settings, store, blobs, owner=owner, hooks=hooks)
+    app = create_app(
+        settings,
+        store,
+        blobs,
+        owner=owner,
+        hooks=hooks,
+        engine_process=engine.status if engine is not None else None,
+    )
     server_config = uvicorn.Config(
         app,
         host=host,
@@ -123,6 +133,8 @@ async def _worker(settings: Settings, parent: int | None = None) -> None:
 # its callbacks and its GIL, and pushed poll latency to hundreds of milliseconds. The child is
 # ``batchd worker`` in all but name; nothing the two need is shared in memory.
 ENGINE_RESTART_SECONDS = 1.0
+ENGINE_RESTART_MAX = 60.0
+ENGINE_HEALTHY_SECONDS = 60.0  # a child that ran this long starts again after 1 s
 ENGINE_NICENESS = 5
 
 
@@ -159,45 +171,96 @@ def die_with_parent() -> None:
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-@contextlib.asynccontextmanager
-async def _engine_process(config: str | None) -> AsyncIterator[None]:
-    """Run the embedded engine as a ``batchd worker`` child for as long as the server runs;
-    start it again if it dies. It reads the same configuration (file and environment) and
-    skips the migrations the server has just run."""
-    cmd = [sys.executable, "-m", "batchd.cli", "worker", "--parent", str(os.getpid())]
-    if config:
-        cmd += ["--config", config]
-    env = {**os.environ, "BATCHD_MIGRATE_ON_START": "false"}
-    procs: list[asyncio.subprocess.Process] = []
+class EngineProcess:
+    """``batchd serve``'s embedded engine: a ``batchd worker`` child, started again when it
+    dies, with a backoff (1 s doubling to 60 s; back to 1 s after it ran a minute). Its
+    standard error passes through this process, which keeps the last error line it wrote
+    for ``/readyz`` and the log. It reads the same configuration (file and environment)
+    and skips the migrations the server has just run."""
 
-    async def start() -> None:
-        procs[:] = [
-            await asyncio.create_subprocess_exec(*cmd, env=env, stdin=asyncio.subprocess.DEVNULL)
-        ]
+    def __init__(self, config: str | None) -> None:
+        self._cmd = [sys.executable, "-m", "batchd.cli", "worker", "--parent", str(os.getpid())]
+        if config:
+            self._cmd += ["--config", config]
+        self._env = {**os.environ, "BATCHD_MIGRATE_ON_START": "false"}
+        self._proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.last_error = ""
+        self.next_start_at: float | None = None
 
-    async def keep_running() -> None:
+    def status(self) -> dict[str, Any]:
+        alive = self._proc is not None and self._proc.returncode is None
+        return {
+            "alive": alive,
+            "restarts": self.restarts,
+            "last_exit_code": self.last_exit,
+            "last_error": self.last_error or None,
+            "next_start_in_seconds": (
+                None
+                if alive or self.next_start_at is None
+                else max(0.0, round(self.next_start_at - time.time(), 1))
+            ),
+        }
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        self._proc = await asyncio.create_subprocess_exec(
+            *self._cmd,
+            env=self._env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return self._proc
+
+    async def _relay(self, proc: asyncio.subprocess.Process) -> None:
+        """Pass the child's standard error on, remembering its last error line."""
+        assert proc.stderr is not None
+        out = sys.stderr.buffer
+        while line := await proc.stderr.readline():
+            out.write(line)
+            out.flush()
+            text = line.decode("utf-8", "replace").strip()
+            if " ERROR " in text or " CRITICAL " in text or "Error:" in text:
+                self.last_error = text[-500:]
+
+    async def _keep_running(self) -> None:
+        delay = ENGINE_RESTART_SECONDS
         while True:
-            code = await procs[0].wait()
-            log.warning("the engine process exited (%s); starting it again", code)
-            await asyncio.sleep(ENGINE_RESTART_SECONDS)
-            await start()
+            started = time.monotonic()
+            proc = await self._start()
+            await self._relay(proc)
+            code = await proc.wait()
+            self.last_exit = code
+            if time.monotonic() - started > ENGINE_HEALTHY_SECONDS:
+                delay = ENGINE_RESTART_SECONDS
+            self.next_start_at = time.time() + delay
+            log.error(
+                "the engine process exited (%s); starting it again in %.0f s; last error: %s",
+                code,
+                delay,
+                self.last_error or "none logged",
+            )
+            await asyncio.sleep(delay)
+            self.restarts += 1
+            delay = min(ENGINE_RESTART_MAX, delay * 2)
 
-    await start()
-    monitor = asyncio.get_running_loop().create_task(keep_running())
-    try:
-        yield
-    finally:
-        monitor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await monitor
-        proc = procs[0]
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        monitor = asyncio.get_running_loop().create_task(self._keep_running())
+        try:
+            yield
+        finally:
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
+            proc = self._proc
+            if proc is not None and proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 15)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
 
 
 async def _migrate(settings: Settings) -> None:

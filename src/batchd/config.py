@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 import tomllib
+import urllib.request
 from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -34,6 +36,7 @@ from batchd.errors import ConfigError
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+LOCAL_MODELS = (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL)  # what ``local_model`` may name
 
 
 class _Strict(BaseModel):
@@ -57,7 +60,27 @@ class Deployment(_Strict):
     base_url: str | None = None
     local_model: str | None = None
     api_key: str | None = None
-    max_concurrency: int = Field(default=64, ge=1, le=100_000)
+    api_style: Literal["openai", "azure"] = Field(
+        default="openai",
+        description="openai: key as 'Authorization: Bearer', paths under base_url/v1; "
+        "azure: key as 'api-key', paths without /v1 (classic deployment URLs)",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="sent upstream on every request of this deployment"
+    )
+    max_concurrency: Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"] = Field(
+        default=64,
+        description='requests in flight across all workers; "auto": found by the engine, '
+        "up to max_concurrency_cap",
+    )
+    max_concurrency_cap: int = Field(default=256, ge=1, le=100_000)
+    max_attempts: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="tries of one request for 408/5xx/timeouts/connection errors (429s do "
+        "not count); then the last answer goes to the error file",
+    )
     rpm: int = Field(default=0, ge=0)
     tpm: int = Field(default=0, ge=0)
     enqueued_token_limit: int = Field(default=0, ge=0)
@@ -74,13 +97,56 @@ class Deployment(_Strict):
         description="backend = local: CPU threads for the model's matrix products; 0 = a core each",
     )
 
+    @property
+    def adaptive(self) -> bool:
+        """``max_concurrency = "auto"``: the engine finds the limit (engine/adaptive.py)."""
+        return self.max_concurrency == "auto"
+
+    @property
+    def concurrency_limit(self) -> int:
+        """The most requests ever in flight: ``max_concurrency``, or the cap with ``auto``."""
+        m = self.max_concurrency
+        return self.max_concurrency_cap if m == "auto" else m
+
     @model_validator(mode="after")
     def _backend_needs(self) -> Deployment:
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError(f"deployment {self.model!r}: backend 'openai' needs base_url")
-        if self.backend == "local" and not self.local_model:
-            object.__setattr__(self, "local_model", self.model)
+        if self.backend == "openai":
+            if not self.base_url:
+                raise ValueError(f"deployment {self.model!r}: backend 'openai' needs base_url")
+            _check_upstream_url(self.model, self.base_url)
+            for name, value in self.headers.items():
+                if not _TOKEN.match(name) or any(c in value for c in "\r\n\0"):
+                    raise ValueError(f"deployment {self.model!r}: invalid header {name!r}")
+        if self.backend == "local":
+            if not self.local_model:
+                object.__setattr__(self, "local_model", self.model)
+            if self.local_model not in LOCAL_MODELS:
+                raise ValueError(
+                    f"deployment {self.model!r}: unknown local_model {self.local_model!r}; "
+                    f"known: {', '.join(LOCAL_MODELS)}"
+                )
         return self
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110)
+
+
+def _check_upstream_url(model: str, url: str) -> None:
+    """An upstream URL batchd can reach: http(s), a host, and no proxy in the way (the
+    upstream client connects directly; ``HTTPS_PROXY``/``HTTP_PROXY`` are not supported, so
+    a proxy that would apply to this host is refused here instead of being bypassed)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"deployment {model!r}: base_url {url!r} is not an http(s) URL")
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme)
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if proxy and not bypass(parts.hostname, proxies):
+        raise ValueError(
+            f"deployment {model!r}: {parts.scheme.upper()}_PROXY is set and applies to "
+            f"{parts.hostname}, but batchd connects to upstreams directly; add the host to "
+            "NO_PROXY or unset the proxy variable"
+        )
 
 
 class Limits(_Strict):
@@ -111,6 +177,15 @@ class EngineSettings(_Strict):
     poll_seconds: float = Field(default=0.25, gt=0, description="idle wait between claims")
     cancel_grace_seconds: float = Field(default=5.0, ge=0)
     max_shards: int = Field(default=8, ge=1, description="shards one process runs at once")
+
+
+class ProjectSettings(_Strict):
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="the project's share of every deployment's slots, relative to the others",
+    )
 
 
 class Webhook(_Strict):
@@ -164,6 +239,7 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     webhooks: list[Webhook] = Field(default_factory=list)
+    projects: dict[str, ProjectSettings] = Field(default_factory=dict)
     migrate_on_start: bool = True
     log_level: str = "info"
     data_dir_mode: Annotated[int, BeforeValidator(_octal_mode), AfterValidator(_dir_mode)] = Field(
@@ -203,6 +279,11 @@ class Settings(BaseSettings):
             Deployment(model=DEFAULT_CHAT_MODEL, backend="local", max_concurrency=32),
             Deployment(model=DEFAULT_EMBEDDING_MODEL, backend="local", max_concurrency=64),
         ]
+
+    def project_weight(self, project: str) -> float:
+        """``[projects.NAME] weight``, 1 for a project not configured."""
+        settings = self.projects.get(project)
+        return settings.weight if settings is not None else 1.0
 
     def deployment_for(self, model: str) -> Deployment | None:
         for d in self.effective_deployments():

@@ -31,6 +31,9 @@ TERMINAL = frozenset({FAILED, COMPLETED, EXPIRED, CANCELLED})
 SHARD_PENDING = "pending"
 SHARD_DONE = "done"
 
+API_OPENAI = "openai"
+API_AZURE = "azure"  # created on the /openai tree: both result files, endpoint as sent
+
 PURPOSE_BATCH = "batch"
 PURPOSE_OUTPUT = "batch_output"
 
@@ -178,22 +181,33 @@ class BatchRecord:
     failed: int = 0
     usage: Usage = field(default_factory=Usage)
     token_estimate: int = 0
+    api: str = API_OPENAI
+    endpoint_as_sent: str | None = None
 
     @property
     def wire_endpoint(self) -> str:
+        """The endpoint as the batch shows it: canonical on OpenAI's trees, as the client
+        sent it (``/chat/completions``) on Azure's."""
+        if self.api == API_AZURE and self.endpoint_as_sent:
+            return self.endpoint_as_sent
         return self.endpoint
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "batch",
-            "endpoint": self.endpoint,
+            "endpoint": self.wire_endpoint,
             "model": self.model,
             "input_file_id": self.input_file_id,
             "completion_window": self.completion_window,
             "status": self.status,
-            "output_file_id": self.output_file_id,
-            "error_file_id": self.error_file_id,
+            # Chosen when finalising starts, but shown only once the files can be read.
+            "output_file_id": self.output_file_id if self.ended else None,
+            "error_file_id": self.error_file_id if self.ended else None,
             "errors": (
                 {"object": "list", "data": [e.to_wire() for e in self.errors]}
                 if self.errors
@@ -232,6 +246,7 @@ class ShardClaim:
     endpoint: str
     input_blob_key: str
     expires_at: int
+    project: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,43 +82,111 @@ def failed_batch(c: OpenAI, data: bytes, endpoint: str = "/v1/chat/completions")
     return batch
 
 
+def chat_body(text: str) -> dict[str, Any]:
+    return {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
+
+
 def codes(batch: Any) -> list[tuple[str, int | None, str | None]]:
     return [(e.code, e.line, e.param) for e in batch.errors.data]
 
 
-# -- files that are not JSONL: the file ends in "error", a batch on it is refused --------
+# -- files that are not JSONL: the file ends in "error"; a batch on it is created and fails
+# with every bad line in errors.data (as OpenAI does), never a 400 naming only one ------------
+def create_failed(c: OpenAI, data: bytes) -> Any:
+    file = c.files.create(file=("bad.jsonl", data), purpose="batch")
+    file = c.files.wait_for_processing(file.id, poll_interval=0.1)
+    batch = c.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    batch = wait_batch(c, batch.id, timeout=10)
+    assert batch.status == "failed", batch
+    assert batch.failed_at is not None and batch.output_file_id is None
+    return file, batch
+
+
 @pytest.mark.parametrize(
     ("data", "bad_line"),
     [
         (b'{"custom_id": "a"}\n{not json}\n', 2),
         (b'{"custom_id": "a", "x": "\xff\xfe"}\n', 1),
         (b"[1, 2]\n", 1),
+        (b'{"custom_id": "a", "body": ' + b"[" * 1500 + b"]" * 1500 + b"}\n", 1),
     ],
-    ids=["invalid-json", "non-utf8", "not-an-object"],
+    ids=["invalid-json", "non-utf8", "not-an-object", "nested-1500-deep"],
 )
 def test_not_jsonl(c: OpenAI, data: bytes, bad_line: int) -> None:
-    file = c.files.create(file=("bad.jsonl", data), purpose="batch")
-    file = c.files.wait_for_processing(file.id, poll_interval=0.1)
+    file, batch = create_failed(c, data)
     assert file.status == "error"
     assert f"Line {bad_line}" in (file.status_details or "")
-    with pytest.raises(openai.BadRequestError) as exc:
-        c.batches.create(
-            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-    assert exc.value.code == "invalid_json_line"
-    assert exc.value.response.headers["x-should-retry"] == "false"
+    assert ("invalid_json_line", bad_line, None) in codes(batch)
+
+
+def test_every_bad_line_is_listed(c: OpenAI) -> None:
+    """Two invalid JSON lines and a duplicate custom_id: all three, with their lines."""
+    good = [json.dumps(line(cid=f"r{i}")).encode() for i in range(4)]
+    dup = json.dumps(line(cid="r0")).encode()
+    rows = [good[0], b"{oops", good[1], b'{"custom_id": "r1"', good[2], dup, good[3]]
+    data = b"\n".join(rows) + b"\n"
+    file, batch = create_failed(c, data)
+    assert file.status_details is not None
+    assert file.status_details.endswith("(3 problems, on lines 2, 4, 6)")
+    assert codes(batch) == [
+        ("invalid_json_line", 2, None),
+        ("invalid_json_line", 4, None),
+        ("duplicate_custom_id", 6, "custom_id"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("max_tokens", "100", "body.max_tokens"),
+        ("max_tokens", 10**20, "body.max_tokens"),
+        ("max_tokens", -1, "body.max_tokens"),
+        ("max_tokens", 2**31, "body.max_tokens"),
+        ("max_completion_tokens", 1.5, "body.max_completion_tokens"),
+        ("max_tokens", True, "body.max_tokens"),
+        ("n", 0, "body.n"),
+        ("n", "2", "body.n"),
+    ],
+)
+def test_wrong_types_of_read_fields(c: OpenAI, field: str, value: Any, param: str) -> None:
+    """A body field batchd reads, of the wrong type or range: invalid_request naming it, in a
+    failed batch (never a 500, never a batch whose shard the engine cannot read)."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], field: value}
+    data = (
+        json.dumps(line(cid="ok")).encode()
+        + b"\n"
+        + json.dumps(line(cid="bad", body=body)).encode()
+        + b"\n"
+    )
+    _, batch = create_failed(c, data)
+    assert codes(batch) == [("invalid_request", 2, param)]
+
+
+def test_bom_crlf_and_no_final_newline(c: OpenAI, upstream: Upstream) -> None:
+    """A leading UTF-8 BOM is skipped; CRLF line ends and a missing final newline are fine."""
+    rows = [json.dumps(line(cid=f"w{i}", body=chat_body(f"w{i}"))) for i in range(3)]
+    data = b"\xef\xbb\xbf" + "\r\n".join(rows).encode()
+    file = c.files.create(file=("win.jsonl", data), purpose="batch")
+    file = c.files.wait_for_processing(file.id, poll_interval=0.1)
+    assert file.status == "processed", file.status_details
+    batch = c.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    batch = wait_batch(c, batch.id)
+    assert batch.status == "completed", batch.errors
+    assert batch.request_counts is not None and batch.request_counts.completed == 3
+    assert batch.output_file_id is not None
+    out = [json.loads(x) for x in c.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in out) == ["w0", "w1", "w2"]
 
 
 @pytest.mark.parametrize("data", [b"", b"\n\n  \n"], ids=["empty", "blank-lines"])
 def test_empty_files(c: OpenAI, data: bytes) -> None:
-    file = c.files.create(file=("e.jsonl", data), purpose="batch")
-    file = c.files.wait_for_processing(file.id, poll_interval=0.1)
+    file, batch = create_failed(c, data)
     assert file.status == "error"
-    with pytest.raises(openai.BadRequestError) as exc:
-        c.batches.create(
-            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-    assert exc.value.code == "empty_file"
+    assert codes(batch) == [("empty_file", None, None)]
 
 
 def test_created_while_validating_then_fails(c: OpenAI) -> None:

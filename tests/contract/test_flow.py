@@ -40,14 +40,17 @@ def test_seed_flow_azure(azure: AzureOpenAI, upstream: Upstream) -> None:
         input_file_id=file.id, endpoint="/chat/completions", completion_window="24h"
     )
     assert batch.id.startswith("batch_")
-    assert batch.endpoint == "/v1/chat/completions"
+    assert batch.endpoint == "/chat/completions"  # Azure echoes the endpoint as sent
     assert batch.status in ("validating", "in_progress")
     batch = wait_batch(azure, batch.id)
     assert batch.status == "completed", batch
     assert batch.request_counts is not None
     assert (batch.request_counts.total, batch.request_counts.completed) == (5, 5)
     assert batch.request_counts.failed == 0
-    assert batch.error_file_id is None
+    # Azure creates both files (the seed's output shows an error_file_id with 0 failures)
+    assert batch.error_file_id is not None
+    assert azure.files.content(batch.error_file_id).content == b""
+    assert azure.files.retrieve(batch.error_file_id).bytes == 0
     assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
     assert batch.model == "gpt-4o"
     out = read_jsonl(azure.files.content(batch.output_file_id).text)

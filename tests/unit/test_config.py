@@ -62,6 +62,23 @@ def test_defaults_serve_the_embedded_models(tmp_path: Path) -> None:
             "[[deployments]]\nmodel = 'm'\nbase_url = 'http://y/v1'\n",
             "configured twice",
         ),
+        (
+            "[[deployments]]\nmodel = 'm'\nbackend = 'local'\nlocal_model = 'llama-70b'\n",
+            "unknown local_model 'llama-70b'; known: smollm2-135m-instruct, all-minilm-l6-v2",
+        ),
+        ("[[deployments]]\nmodel = 'm'\nbackend = 'local'\n", "unknown local_model 'm'"),
+        ("[[deployments]]\nmodel = 'm'\nbase_url = 'ftp://x/v1'\n", "is not an http(s) URL"),
+        (
+            "[[deployments]]\nmodel = 'm'\nbase_url = 'http://x/v1'\napi_style = 'soap'\n",
+            "deployments.0.api_style",
+        ),
+        (
+            "[[deployments]]\nmodel = 'm'\nbase_url = 'http://x/v1'\n"
+            "headers = { 'bad name' = 'v' }\n",
+            "invalid header 'bad name'",
+        ),
+        ("[[deployments]]\nmodel = 'm'\nbase_url = 'http://x/v1'\nmax_attempts = 0\n",
+         "deployments.0.max_attempts"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, toml: str, named: str) -> None:
@@ -96,3 +113,18 @@ def test_serve_refuses_bad_config(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "deployments.0" in proc.stderr and "base_url" in proc.stderr
+
+
+def test_a_proxy_that_would_apply_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """batchd connects to upstreams directly: a proxy variable that applies to the host
+    stops the start, one whose NO_PROXY covers the host does not."""
+    path = tmp_path / "c.toml"
+    path.write_text("[[deployments]]\nmodel = 'm'\nbase_url = 'https://api.example/v1'\n")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(path)
+    assert "HTTPS_PROXY is set and applies to api.example" in str(exc.value)
+    monkeypatch.setenv("NO_PROXY", "api.example")
+    assert load_settings(path).deployments[0].base_url == "https://api.example/v1"

@@ -188,9 +188,56 @@ async def test_request_bytes_and_body_exact(
     assert headers["host"] == f"127.0.0.1:{server.port}"
     assert headers["content-type"] == "application/json"
     assert headers["authorization"] == "Bearer sk-k"
-    assert headers["api-key"] == "sk-k"
+    assert "api-key" not in headers  # the key is sent once, as the style says
     assert headers["user-agent"] == "batchd"
     assert server.connections == 1  # kept alive
+
+
+@pytest.mark.parametrize(
+    ("base", "style", "path", "auth"),
+    [
+        # Azure's classic deployment URL: no /v1, the api-version kept, the key as api-key
+        (
+            "/openai/deployments/gpt-4o?api-version=2024-10-21",
+            "azure",
+            b"/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            ("api-key", "sk-k"),
+        ),
+        # Azure's newer v1 base: /openai/v1 + /chat/completions
+        ("/openai/v1", "azure", b"/openai/v1/chat/completions", ("api-key", "sk-k")),
+        # an OpenAI-style server behind a gateway that needs a query parameter
+        ("/v1?tenant=a&x=1", "openai", b"/v1/chat/completions?tenant=a&x=1",
+         ("authorization", "Bearer sk-k")),
+        ("/gw/", "openai", b"/gw/v1/chat/completions", ("authorization", "Bearer sk-k")),
+    ],
+)
+async def test_upstream_url_styles_and_headers(
+    raw: Callable[..., Awaitable[tuple[RawServer, str]]],
+    base: str,
+    style: str,
+    path: bytes,
+    auth: tuple[str, str],
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            server.requests.append(await read_request(reader))
+            writer.write(answer(b"{}"))
+            await writer.drain()
+
+    server, url = await raw(handler)
+    extra = {"x-team": "a", "Host": "evil"}  # a reserved header is never overridden
+    async with _backend(
+        url + base, api_key="sk-k", max_concurrency=1, api_style=style, headers=extra
+    ) as b:
+        r = await b.send(CHAT, b"{}", time_limit=5)
+    assert r.status_code == 200
+    line, headers, _ = server.requests[0]
+    assert line == b"POST " + path + b" HTTP/1.1"
+    assert headers[auth[0]] == auth[1]
+    other = "authorization" if auth[0] == "api-key" else "api-key"
+    assert other not in headers
+    assert headers["x-team"] == "a"
+    assert headers["host"] == f"127.0.0.1:{server.port}"
 
 
 async def test_chunked_and_gzip(raw: Callable[..., Awaitable[tuple[RawServer, str]]]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,6 +20,7 @@ from starlette.responses import Response
 from batchd.api import errors, openapi
 from batchd.api.auth import Authenticator
 from batchd.api.bodyguard import BodyGuard
+from batchd.api.readiness import Readiness
 from batchd.api.routes import GET, Services, build_router, json_response
 from batchd.blobs.base import Blobs
 from batchd.config import Settings
@@ -40,13 +41,18 @@ def create_app(
     *,
     owner: str,
     hooks: Sequence[contextlib.AbstractAsyncContextManager[Any]] = (),
+    engine_process: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
+    """``engine_process``: the state of ``batchd serve``'s embedded engine process, shown
+    by ``/readyz``."""
     activator = Activator(settings, store)
+    readiness = Readiness(store, engine_process)
     services = Services(
         files=FileService(settings, store, blobs),
         batches=BatchService(settings, store, activator),
         auth=Authenticator(settings.auth),
         max_upload_bytes=settings.limits.max_file_bytes,
+        readiness=readiness,
     )
     ready = asyncio.Event()
 
@@ -80,13 +86,19 @@ def create_app(
         app.include_router(router, prefix=prefix, include_in_schema=prefix == "/v1")
         for route in router.routes:
             if isinstance(route, APIRoute):
-                methods.add(prefix + route.path, route.methods)
+                methods.add(prefix + route.path, route.methods or ())
     methods.add("/healthz", GET)
+    methods.add("/readyz", GET)
 
     @app.api_route("/healthz", methods=GET, include_in_schema=False)
     async def healthz() -> Response:
         if not ready.is_set():
             return json_response({"status": "starting"}, 503)
         return json_response({"status": "ok"})
+
+    @app.api_route("/readyz", methods=GET, include_in_schema=False)
+    async def readyz() -> Response:
+        ok, body = await readiness.check()
+        return json_response(body, 200 if ok else 503)
 
     return app

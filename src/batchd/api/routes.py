@@ -30,8 +30,10 @@ from batchd.api.openapi import (
     responses,
 )
 from batchd.api.ranges import parse_range
+from batchd.api.readiness import Readiness
 from batchd.api.upload import FORM_OVERHEAD, read_form
 from batchd.errors import InvalidRequest, RangeNotSatisfiable, TooLarge
+from batchd.models import API_AZURE, API_OPENAI
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
 
@@ -48,12 +50,22 @@ class Services:
     batches: BatchService
     auth: Authenticator
     max_upload_bytes: int
+    readiness: Readiness
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(obj), status_code=status, media_type="application/json", headers=headers
     )
+
+
+def api_of(request: Request) -> str:
+    """The API a request came through: Azure's ``/openai`` tree, or OpenAI's (``/v1`` and
+    Azure's newer ``/openai/v1``, which follows OpenAI's behaviour)."""
+    path = request.url.path
+    if path.startswith("/openai/") and not path.startswith("/openai/v1/"):
+        return API_AZURE
+    return API_OPENAI
 
 
 def services(request: Request) -> Services:
@@ -297,7 +309,10 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
             completion_window=body.completion_window,
             metadata=body.metadata,
             output_expires_after=body.output_expires_after,
+            api=api_of(request),
         )
+        if rec.status == "in_progress":
+            await services(request).readiness.note_queued(rec.id)
         return json_response(rec.to_wire())
 
     @router.api_route(

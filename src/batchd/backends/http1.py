@@ -25,6 +25,7 @@ import itertools
 import os
 import ssl
 import zlib
+from collections.abc import Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -245,17 +246,26 @@ class HTTP1Backend(Backend):
         *,
         api_key: str | None,
         max_concurrency: int,
+        api_style: str = "openai",
+        headers: Mapping[str, str] | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
-        parts = urlsplit(base_url.rstrip("/"))
+        """``base_url``: ``http(s)://host[:port][/path][?query]``; the request path is the
+        base path plus the endpoint (``/v1/chat/completions``, without its ``/v1`` when the
+        base path ends in ``/v1`` or with ``api_style="azure"``), and the query string is
+        kept (Azure's ``?api-version=``). The key is sent once: ``Authorization: Bearer``,
+        or ``api-key`` with ``api_style="azure"``. ``headers`` go on every request. An answer
+        larger than ``max_response_bytes`` raises :class:`UpstreamTooLarge`."""
+        parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"unsupported upstream URL {base_url!r}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         # Paths are canonical /v1/...; a base_url that already ends in /v1 takes the rest.
-        self._prefix = parts.path
-        self._strip_v1 = parts.path.endswith("/v1")
+        self._prefix = parts.path.rstrip("/")
+        self._strip_v1 = self._prefix.endswith("/v1") or api_style == "azure"
+        self._query = "?" + parts.query if parts.query else ""
         default_port = 443 if self._ssl is not None else 80
         host = self._host if ":" not in self._host else f"[{self._host}]"
         host_header = host if self._port == default_port else f"{host}:{self._port}"
@@ -265,7 +275,12 @@ class HTTP1Backend(Backend):
             "Content-Type: application/json",
         ]
         if api_key:
-            fixed += [f"Authorization: Bearer {api_key}", f"api-key: {api_key}"]
+            if api_style == "azure":
+                fixed.append(f"api-key: {api_key}")
+            else:
+                fixed.append(f"Authorization: Bearer {api_key}")
+        reserved = {"host", "content-length", "content-type", "transfer-encoding", "connection"}
+        fixed += [f"{k}: {v}" for k, v in (headers or {}).items() if k.lower() not in reserved]
         self._fixed = ("\r\n".join(fixed) + "\r\nContent-Length: ").encode("latin-1")
         self._heads: dict[str, bytes] = {}
         self._slots = FifoSlots(max_concurrency)  # at most ``max_concurrency`` at once
@@ -276,7 +291,7 @@ class HTTP1Backend(Backend):
     def _head(self, endpoint: str) -> bytes:
         head = self._heads.get(endpoint)
         if head is None:
-            path = self._prefix + (endpoint[3:] if self._strip_v1 else endpoint)
+            path = self._prefix + (endpoint[3:] if self._strip_v1 else endpoint) + self._query
             head = b"POST " + path.encode("latin-1") + b" HTTP/1.1\r\n" + self._fixed
             self._heads[endpoint] = head
         return head

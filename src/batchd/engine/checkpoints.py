@@ -101,7 +101,15 @@ class Checkpointer:
                 for run, t in taken:
                     t.part = await run.write_part(t)
                 entries = [
-                    ShardCheckpoint(run.claim, t.done, t.part, t.usage, t.shard_done, final)
+                    ShardCheckpoint(
+                        run.claim,
+                        t.done,
+                        t.part,
+                        t.usage,
+                        t.shard_done,
+                        final,
+                        run.park_until if final and run.park_until else None,
+                    )
                     for run, t in taken
                 ]
                 while True:

@@ -21,6 +21,7 @@ from batchd.blobs.base import Blobs
 from batchd.engine.journal import journal_dir
 from batchd.engine.results import error_line
 from batchd.models import (
+    API_AZURE,
     CANCELLED,
     CANCELLING,
     COMPLETED,
@@ -125,7 +126,14 @@ class Finalizer:
         if not ended:
             log.warning("batch %s: finalising lease lost; another worker finishes it", batch.id)
             return
-        log.info("batch %s %s: %d ok, %d failed", batch.id, status, out_lines, err_lines)
+        log.info(
+            "batch %s (project %s) %s: %d ok, %d failed",
+            batch.id,
+            batch.project,
+            status,
+            out_lines,
+            err_lines,
+        )
         await self._blobs.delete_many(out_keys + err_keys)
         await anyio.to_thread.run_sync(
             lambda: shutil.rmtree(journal_dir(self._spool, batch.id), ignore_errors=True)
@@ -134,7 +142,9 @@ class Finalizer:
     async def _write(
         self, batch: BatchRecord, file_id: str | None, keys: list[str], lines: int, kind: str
     ) -> FileRecord | None:
-        if not lines or file_id is None:
+        """The result file of ``kind``, or None: OpenAI creates no file that would be empty;
+        Azure (a batch made on the ``/openai`` tree) always creates both."""
+        if file_id is None or (not lines and batch.api != API_AZURE):
             return None
         key = output_key(file_id)
         size = await self._blobs.concat(key, keys)

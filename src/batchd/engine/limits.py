@@ -10,25 +10,40 @@ Built without a lease, a limiter has the deployment's whole ``max_concurrency``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from aiolimiter import AsyncLimiter
 
 from batchd.config import Deployment
-from batchd.fifo_slots import FifoSlots
+from batchd.engine.adaptive import AdaptiveLimit
+from batchd.engine.fair_slots import FairSlots
 
 
 class DeploymentLimiter:
-    def __init__(self, deployment: Deployment, *, capacity: int | None = None) -> None:
+    """Requests in flight are shared fairly between the projects and batches that wait
+    (:class:`FairSlots`; ``weight(project)`` from ``[projects.NAME] weight``)."""
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        *,
+        capacity: int | None = None,
+        weight: Callable[[str], float] = lambda _: 1.0,
+    ) -> None:
         self.model = deployment.model
-        self.max_concurrency = deployment.max_concurrency
+        self.max_concurrency = deployment.concurrency_limit
         self._rpm_max = deployment.rpm
         self._tpm_max = deployment.tpm
-        self._slots = FifoSlots(0)
+        self._slots = FairSlots(0, weight)
+        self._leased = 0  # this process's share of the cluster's limit
+        # max_concurrency = "auto": the engine finds the limit, within the leased share
+        self.adaptive = AdaptiveLimit(cap=self.max_concurrency) if deployment.adaptive else None
         self._rpm: AsyncLimiter | None = None
         self._tpm: AsyncLimiter | None = None
         self._tpm_local = 0
-        self.resize(deployment.max_concurrency if capacity is None else capacity)
+        self.paused_until = 0.0  # unix seconds: a ``retry-after`` holds every sender till then
+        self.resize(deployment.concurrency_limit if capacity is None else capacity)
 
     @property
     def capacity(self) -> int:
@@ -39,14 +54,21 @@ class DeploymentLimiter:
         return self._slots.in_flight
 
     @property
+    def limit(self) -> int:
+        """The most requests in flight the deployment takes now: ``max_concurrency``, or
+        the adaptive limit (``auto``)."""
+        return self.adaptive.current if self.adaptive is not None else self.max_concurrency
+
+    @property
     def want(self) -> int:
         """Slots this process could use now: in flight plus waiting, up to the limit."""
-        return min(self.max_concurrency, self._slots.in_flight + self._slots.waiting)
+        return min(self.limit, self._slots.in_flight + self._slots.waiting)
 
     def resize(self, capacity: int) -> None:
         """Set how many requests may be in flight from this process (its leased share).
         Requests already in flight above a smaller capacity finish; no new one starts."""
-        capacity = max(0, min(capacity, self.max_concurrency))
+        self._leased = capacity = max(0, min(capacity, self.max_concurrency))
+        capacity = min(capacity, self.limit)
         if capacity != self.capacity:
             self._slots.capacity = capacity
             share = capacity / self.max_concurrency
@@ -57,34 +79,58 @@ class DeploymentLimiter:
             self._tpm_local = tpm
         self._slots.wake()
 
-    def try_acquire(self) -> bool:
+    def pause(self, seconds: float) -> None:
+        """The upstream asked for a pause (``retry-after``): no request of this deployment
+        starts from this process before it ends. A shorter pause never cuts a longer one."""
+        self.paused_until = max(self.paused_until, time.time() + seconds)
+
+    def pause_left(self) -> float:
+        """Seconds left of the current pause (0 when none)."""
+        until = self.paused_until
+        return 0.0 if not until else max(0.0, until - time.time())
+
+    def try_acquire(self, project: str = "", batch: str = "") -> bool:
         """Take a slot without waiting: only when one is free, nobody queues for one and no
         per-minute limit applies (the engine's path for nearly every request). Pair with
-        :meth:`release`."""
-        return self._rpm is None and self._tpm is None and self._slots.try_take()
+        :meth:`release` with the same flow."""
+        return self._rpm is None and self._tpm is None and self._slots.try_take(project, batch)
 
-    async def acquire(self, tokens: int) -> None:
-        """Wait for a slot (first come, first served), then for the per-minute limits.
-        Pair with :meth:`release`."""
-        await self._slots.take()
+    async def acquire(self, tokens: int, project: str = "", batch: str = "") -> None:
+        """Wait for a slot (fairly between the flows that wait, first come first served
+        within a batch), then for the per-minute limits. Pair with :meth:`release`."""
+        await self._slots.take(project, batch)
         try:
             if self._rpm is not None:
                 await self._rpm.acquire()
             if self._tpm is not None and tokens > 0:
                 await self._tpm.acquire(min(tokens, self._tpm_local))
         except BaseException:
-            self.release()
+            self.release(project, batch)
             raise
 
-    def release(self) -> None:
-        self._slots.give_back()
+    def release(self, project: str = "", batch: str = "") -> None:
+        self._slots.give_back(project, batch)
+
+    def project_wants(self) -> dict[str, int]:
+        """Slots each project could use now from this process, up to the limit."""
+        limit = self.limit
+        return {p: min(w, limit) for p, w in self._slots.wants().items()}
+
+    def on_answer(self, seconds: float, status: int, in_flight: int) -> None:
+        """Feed the adaptive limit (``auto`` only) with one answer; the capacity follows."""
+        if self.adaptive is not None and self.adaptive.on_answer(seconds, status, in_flight):
+            self.resize(self._leased)
+
+    def used_by(self, project: str) -> int:
+        """Requests of ``project`` in flight from this process."""
+        return self._slots.used_by(project)
 
     @contextlib.asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[None]:
+    async def slot(self, tokens: int, project: str = "", batch: str = "") -> AsyncIterator[None]:
         """Hold one in-flight slot for the length of one attempt."""
-        if not self.try_acquire():
-            await self.acquire(tokens)
+        if not self.try_acquire(project, batch):
+            await self.acquire(tokens, project, batch)
         try:
             yield
         finally:
-            self.release()
+            self.release(project, batch)

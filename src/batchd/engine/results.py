@@ -8,7 +8,10 @@ decoder that skips everything else.
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 import os
+from typing import Any
 
 import msgspec
 import orjson
@@ -16,29 +19,19 @@ import orjson
 from batchd.backends.base import UpstreamResponse
 from batchd.models import Usage
 
-
-class _Details(msgspec.Struct):
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    prompt_tokens_details: _Details | None = None
-    input_tokens_details: _Details | None = None
-    completion_tokens_details: _Details | None = None
-    output_tokens_details: _Details | None = None
+log = logging.getLogger(__name__)
 
 
 class _Body(msgspec.Struct):
-    usage: _Usage | None = None
+    """What a result body must be (a JSON object) and the one field read from it. ``usage``
+    is untyped: gateways send ``null`` details, floats or extra fields, and a body is never
+    rejected for its usage (:func:`read_usage` reads it leniently)."""
+
+    usage: Any = None
 
 
 class _Response(msgspec.Struct):
-    body: _Body | None = None
+    body: Any = None
 
 
 class _OutputLine(msgspec.Struct):
@@ -47,43 +40,82 @@ class _OutputLine(msgspec.Struct):
 
 _body_decoder = msgspec.json.Decoder(_Body)
 _line_decoder = msgspec.json.Decoder(_OutputLine)
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 
-def _usage(u: _Usage | None) -> Usage:
-    if u is None:
+def _count(value: Any) -> int:
+    """A token count as sent: an int, a float (truncated), anything else 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return max(0, min(int(value), 2**62))
+
+
+def _field(obj: Any, *names: str) -> Any:
+    """The first of ``names`` present (and not null) in ``obj``, when it is an object."""
+    if isinstance(obj, dict):
+        for name in names:
+            value = obj.get(name)
+            if value is not None:
+                return value
+    return None
+
+
+def read_usage(usage: Any) -> Usage:
+    """Chat/completions (``prompt_tokens``...) or responses (``input_tokens``...) usage, read
+    leniently: a null, float, missing or odd field counts as what it is or 0."""
+    if not isinstance(usage, dict):
         return Usage()
-    cached = (u.prompt_tokens_details or u.input_tokens_details or _Details()).cached_tokens
-    reasoning = (
-        u.completion_tokens_details or u.output_tokens_details or _Details()
-    ).reasoning_tokens
     return Usage(
-        input_tokens=u.prompt_tokens or u.input_tokens,
-        cached_tokens=cached or 0,
-        output_tokens=u.completion_tokens or u.output_tokens,
-        reasoning_tokens=reasoning or 0,
+        input_tokens=_count(_field(usage, "prompt_tokens", "input_tokens")),
+        cached_tokens=_count(
+            _field(_field(usage, "prompt_tokens_details", "input_tokens_details"), "cached_tokens")
+        ),
+        output_tokens=_count(_field(usage, "completion_tokens", "output_tokens")),
+        reasoning_tokens=_count(
+            _field(
+                _field(usage, "completion_tokens_details", "output_tokens_details"),
+                "reasoning_tokens",
+            )
+        ),
     )
 
 
+def _valid_utf8(body: bytes) -> bytes:
+    """``body`` with invalid UTF-8 replaced by U+FFFD (the JSON decoder does not check the
+    strings it skips), so that every line written is valid UTF-8."""
+    if body.isascii():
+        return body
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return body.decode("utf-8", "replace").encode("utf-8")
+    return body
+
+
 def check_body(body: bytes) -> tuple[bytes, Usage] | None:
-    """The body as one JSON line and its usage, or None when it is not a JSON object."""
+    """The body as one line of valid UTF-8 JSON and its usage, or None when it is not a JSON
+    object (or cannot be read: nested too deeply for the decoder)."""
+    body = _valid_utf8(body)
     try:
         parsed = _body_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        if b"\n" in body or b"\r" in body:
+            body = orjson.dumps(orjson.loads(body))
+    except (*_DECODE_ERRORS, orjson.JSONDecodeError):
         return None
-    if b"\n" in body or b"\r" in body:
-        body = orjson.dumps(orjson.loads(body))
-    return body, _usage(parsed.usage)
+    return body, read_usage(parsed.usage)
 
 
 def usage_of_line(line: bytes) -> Usage:
     """The usage recorded in an output line (for results recovered from a journal)."""
     try:
         parsed = _line_decoder.decode(line)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except _DECODE_ERRORS:
         return Usage()
-    if parsed.response is None or parsed.response.body is None:
+    if parsed.response is None:
         return Usage()
-    return _usage(parsed.response.body.usage)
+    return read_usage(_field(parsed.response.body, "usage"))
 
 
 _ID_PREFIX = b'"batch_req_' + os.urandom(8).hex().encode()  # random for each process
@@ -131,6 +163,37 @@ def error_body(resp: UpstreamResponse) -> bytes:
             }
         }
     )
+
+
+_INVALID_BODY = orjson.dumps(
+    {
+        "error": {
+            "message": "The upstream answered with a body that is not a JSON object.",
+            "type": "upstream_error",
+            "param": None,
+            "code": "invalid_upstream_response",
+        }
+    }
+)
+
+
+def result_line(custom_id: bytes, resp: UpstreamResponse) -> tuple[bool, bytes, Usage | None]:
+    """``(is_output, line, usage)`` for an upstream's final answer: a 2xx whose body is a
+    JSON object goes to the output file as sent; any other 2xx is recorded in the error file
+    as a 502 ``invalid_upstream_response``; a non-2xx goes to the error file with its body.
+    Never raises: whatever goes wrong with one answer ends that line in the error file."""
+    try:
+        if 200 <= resp.status_code < 300:
+            checked = check_body(resp.body)
+            if checked is not None:
+                body, usage = checked
+                return True, response_line(custom_id, resp, body), usage
+            bad = UpstreamResponse(502, _INVALID_BODY, resp.request_id)
+            return False, response_line(custom_id, bad, _INVALID_BODY), None
+        return False, response_line(custom_id, resp, error_body(resp)), None
+    except Exception as exc:
+        log.exception("recording an upstream answer failed")
+        return False, error_line(custom_id, "internal_error", f"{type(exc).__name__}: {exc}"), None
 
 
 def error_line(custom_id: bytes, code: str, message: str) -> bytes:

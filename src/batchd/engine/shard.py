@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,41 +20,33 @@ from typing import Any
 
 import anyio.to_thread
 import msgspec
-import orjson
 
 from batchd.backends.base import Backend, BackendUnavailable, UpstreamResponse
 from batchd.blobs.base import Blobs
 from batchd.engine.checkpoints import Checkpointer, Taken
 from batchd.engine.journal import Journal, read_journals
 from batchd.engine.limits import DeploymentLimiter
-from batchd.engine.results import (
-    check_body,
-    error_body,
-    error_line,
-    response_line,
-    usage_of_line,
-)
-from batchd.engine.retry import send_with_retries
+from batchd.engine.results import error_line, result_line, usage_of_line
+from batchd.engine.retry import Parked, RetryPolicy, send_with_retries
 from batchd.errors import LeaseLost
 from batchd.models import Part, ShardClaim, Usage
+from batchd.service.input_line import (
+    DECODE_ERRORS,
+    estimate_tokens,
+    head_decoder,
+    issue_param,
+    line_decoder,
+)
 from batchd.store.sql import Store
 
 log = logging.getLogger(__name__)
 
 
-class _Line(msgspec.Struct):
-    custom_id: str
-    body: msgspec.Raw
+class _CustomId(msgspec.Struct):
+    custom_id: Any = None
 
 
-class _Head(msgspec.Struct):
-    model: str = ""
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-
-
-_line_decoder = msgspec.json.Decoder(_Line)
-_head_decoder = msgspec.json.Decoder(_Head)
+_custom_id_decoder = msgspec.json.Decoder(_CustomId)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +55,22 @@ class Request:
     body: bytes
     model: str
     tokens: int  # estimate for tokens-per-minute limits
+    problem: str | None = None  # why the line cannot be sent (it goes to the error file)
+
+
+def _unreadable(raw: bytes, exc: BaseException) -> Request:
+    """A line the engine cannot read. Validation reads lines with the same decoder, so this
+    does not happen to a validated file; if it does, that one line fails, not its shard."""
+    try:
+        cid: Any = _custom_id_decoder.decode(raw).custom_id
+    except DECODE_ERRORS:
+        cid = None
+    if isinstance(exc, msgspec.ValidationError):
+        param, reason = issue_param(exc)
+        problem = f"{param}: {reason}"
+    else:
+        problem = f"The line could not be read: {type(exc).__name__}"
+    return Request(msgspec.json.encode(cid if isinstance(cid, str) else None), b"", "", 0, problem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,36 +78,74 @@ class Route:
     backend: Backend
     limiter: DeploymentLimiter
     timeout: float
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
 
     async def send(
-        self, endpoint: str, body: bytes, tokens: int, time_limit: float
+        self,
+        endpoint: str,
+        body: bytes,
+        tokens: int,
+        project: str,
+        batch: str,
+        time_limit: float,
     ) -> UpstreamResponse:
-        """One attempt, holding one of the deployment's slots for its length."""
+        """One attempt, holding one of the deployment's slots for its length (taken per
+        request, fairly between the projects and batches that wait for one)."""
         limiter = self.limiter
-        if not limiter.try_acquire():
-            await limiter.acquire(tokens)
+        if limiter.adaptive is not None:
+            return await self._send_measured(endpoint, body, tokens, project, batch, time_limit)
+        if not limiter.try_acquire(project, batch):
+            await limiter.acquire(tokens, project, batch)
         try:
             return await self.backend.send(endpoint, body, time_limit=time_limit)
         finally:
-            limiter.release()
+            limiter.release(project, batch)
+
+    async def _send_measured(
+        self,
+        endpoint: str,
+        body: bytes,
+        tokens: int,
+        project: str,
+        batch: str,
+        time_limit: float,
+    ) -> UpstreamResponse:
+        """:meth:`send` for an adaptive limit: each answer's latency and status feed it."""
+        limiter = self.limiter
+        if not limiter.try_acquire(project, batch):
+            await limiter.acquire(tokens, project, batch)
+        in_flight = limiter.in_flight
+        started = time.monotonic()
+        status = 0
+        try:
+            resp = await self.backend.send(endpoint, body, time_limit=time_limit)
+            status = resp.status_code
+            return resp
+        finally:
+            limiter.release(project, batch)
+            limiter.on_answer(time.monotonic() - started, status, in_flight)
 
 
 def parse_span(data: bytes, count: int) -> list[Request]:
-    """The shard's requests, in order (blank lines skipped, as validation did)."""
+    """The shard's requests, in order (blank lines skipped, as validation did), read with
+    validation's decoders (:mod:`batchd.service.input_line`)."""
     out: list[Request] = []
     for raw in data.split(b"\n"):
         if not raw.strip():
             continue
-        line = _line_decoder.decode(raw)
-        head = _head_decoder.decode(line.body)
-        out_tokens = head.max_completion_tokens or head.max_tokens or 0
+        try:
+            line = line_decoder.decode(raw)
+            head = head_decoder.decode(line.body)
+        except DECODE_ERRORS as exc:
+            out.append(_unreadable(raw, exc))
+            continue
         out.append(
             Request(
                 # msgspec's bytes are sized to fit; orjson's keep a 4 KiB buffer each
                 msgspec.json.encode(line.custom_id),
                 bytes(line.body),
                 head.model,
-                len(line.body) // 4 + out_tokens,
+                estimate_tokens(len(line.body), head),
             )
         )
     if len(out) != count:
@@ -126,6 +173,9 @@ class ShardRun:
     stop_code: str = "batch_cancelled"
     lost: bool = False
     released: bool = False  # a checkpoint ended the lease (shard done, or the final one)
+    # The deployment asked for a pause past ``park_after``: the shard lets go of its lease
+    # until then (unix seconds), so that it holds nothing another batch could use.
+    park_until: float = 0.0
     _done: bytearray = field(default_factory=bytearray)
     _out: list[bytes] = field(default_factory=list)
     _err: list[bytes] = field(default_factory=list)
@@ -146,30 +196,6 @@ class ShardRun:
         (self._out if is_output else self._err).append(line)
         if usage is not None:
             self._usage.add(usage)
-
-    def _result(self, req: Request, resp: UpstreamResponse) -> tuple[bool, bytes, Usage | None]:
-        if 200 <= resp.status_code < 300:
-            checked = check_body(resp.body)
-            if checked is not None:
-                body, usage = checked
-                return True, response_line(req.custom_id, resp, body), usage
-            bad = UpstreamResponse(
-                502,
-                orjson.dumps(
-                    {
-                        "error": {
-                            "message": "The upstream answered with a body that is not "
-                            "a JSON object.",
-                            "type": "upstream_error",
-                            "param": None,
-                            "code": "invalid_upstream_response",
-                        }
-                    }
-                ),
-                resp.request_id,
-            )
-            return False, response_line(req.custom_id, bad, bad.body), None
-        return False, response_line(req.custom_id, resp, error_body(resp)), None
 
     # -- checkpoints (run by the Checkpointer, under its lock) ---------------------------------
     def take(self, *, final: bool) -> Taken | None:
@@ -272,49 +298,60 @@ class ShardRun:
         if not self.lost:
             await self.checkpoint(final=True)
 
+    def park(self, until: float) -> None:
+        """Stop dispatching: the shard is stored and released, not claimed before ``until``."""
+        if until > self.park_until:
+            self.park_until = until
+        self.stop.set()
+
     async def _sender(self, lines: Iterator[tuple[int, Request]], journal: Journal) -> None:
         stop = self.stop
-        routes = self.routes
-        endpoint = self.claim.endpoint
-        deadline = float(self.claim.expires_at)
         for i, req in lines:
             if stop.is_set():
                 return
             try:
-                route = routes.get(req.model)
-                if route is None:
-                    line = error_line(
-                        req.custom_id,
-                        "model_not_found",
-                        f"No deployment serves the model {req.model!r}.",
-                    )
-                    journal.append(i, False, line)
-                    self._record(i, False, line, None)
-                    continue
-                try:
-                    resp = await send_with_retries(
-                        route.send,
-                        endpoint,
-                        req.body,
-                        req.tokens,
-                        deadline=deadline,
-                        stop=stop,
-                        time_limit=route.timeout,
-                    )
-                except BackendUnavailable as exc:
-                    line = error_line(req.custom_id, "backend_unavailable", str(exc))
-                    journal.append(i, False, line)
-                    self._record(i, False, line, None)
-                    continue
-                if resp is None:
-                    continue  # stopped or past the deadline: left undone for the finaliser
-                is_output, line, usage = self._result(req, resp)
-                # In the journal before it counts as done (see the module's docstring).
-                journal.append(i, is_output, line)
-                self._record(i, is_output, line, usage)
-            except Exception:
-                # Left undone: the shard is released and the line is tried again later.
+                result = await self._execute(req)
+            except Exception as exc:
+                # A defect, not the line's doing: that line fails, the shard goes on.
                 log.exception("shard %s/%d: line %d failed", *self.key, i)
+                result = (False, error_line(req.custom_id, "internal_error", repr(exc)), None)
+            if result is None:
+                continue  # stopped or past the deadline: left undone for the finaliser
+            if isinstance(result, Parked):
+                self.park(result.until)  # left undone: sent after the pause
+                return
+            is_output, line, usage = result
+            # In the journal before it counts as done (see the module's docstring).
+            journal.append(i, is_output, line)
+            self._record(i, is_output, line, usage)
+
+    async def _execute(self, req: Request) -> tuple[bool, bytes, Usage | None] | Parked | None:
+        """One line, from its request to its result line (or why it has none yet)."""
+        if req.problem is not None:
+            return False, error_line(req.custom_id, "invalid_request", req.problem), None
+        route = self.routes.get(req.model)
+        if route is None:
+            message = f"No deployment serves the model {req.model!r}."
+            return False, error_line(req.custom_id, "model_not_found", message), None
+        try:
+            resp = await send_with_retries(
+                route.send,
+                self.claim.endpoint,
+                req.body,
+                req.tokens,
+                self.claim.project,
+                self.claim.batch_id,
+                deployment=route.limiter,
+                deadline=float(self.claim.expires_at),
+                stop=self.stop,
+                time_limit=route.timeout,
+                policy=route.policy,
+            )
+        except BackendUnavailable as exc:
+            return False, error_line(req.custom_id, "backend_unavailable", str(exc)), None
+        if resp is None or isinstance(resp, Parked):
+            return resp
+        return result_line(req.custom_id, resp)
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
         """Wait for in-flight requests; once stopped, give them a bounded grace."""

@@ -74,7 +74,7 @@ class WebhookSender:
                 if 200 <= resp.status < 300:
                     return True
                 log.warning("webhook %s answered %d for %s", hook.url, resp.status, event.id)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except Exception as exc:  # any failure of one delivery: retried with backoff
             log.warning("webhook %s failed for %s: %s", hook.url, event.id, exc)
         return False
 
@@ -82,11 +82,15 @@ class WebhookSender:
         """Deliver the events that are due; return how many were delivered."""
         delivered = 0
         for event in await self._store.claim_events(time.time(), lease_seconds=60.0):
-            body = orjson.dumps(event.to_wire())
             ok = True
-            for hook in self._hooks:
-                if event.type in hook.events:
-                    ok = await self._deliver(hook, event, body) and ok
+            try:
+                body = orjson.dumps(event.to_wire())
+                for hook in self._hooks:
+                    if event.type in hook.events:
+                        ok = await self._deliver(hook, event, body) and ok
+            except Exception:
+                log.exception("event %s (batch %s): delivery failed", event.id, event.batch_id)
+                ok = False
             if ok:
                 await self._store.event_done(event.id, now())
                 delivered += 1

@@ -13,20 +13,22 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 from batchd.backends.base import Backend
 from batchd.blobs.base import Blobs
 from batchd.config import Settings
 from batchd.engine.checkpoints import Checkpointer
+from batchd.engine.failures import MAX_TRIES, FailureTracker
 from batchd.engine.finalize import Finalizer
 from batchd.engine.limits import DeploymentLimiter
+from batchd.engine.retry import RetryPolicy
 from batchd.engine.shard import Route, ShardRun
 from batchd.engine.slots import SlotLeaser
 from batchd.engine.webhooks import WebhookSender
 from batchd.errors import LeaseLost
-from batchd.models import CANCELLING, new_id, now
+from batchd.models import CANCELLING, BatchRecord, ValidationIssue, new_id, now
 from batchd.service.activation import Activator
 from batchd.service.files import FileService
 from batchd.store.sql import Store
@@ -35,7 +37,9 @@ log = logging.getLogger(__name__)
 
 SIGNAL_SECONDS = 0.5
 SWEEP_SECONDS = 2.0
-FINALIZE_LEASE = 120.0
+# Finalising is leased briefly and renewed by a heartbeat: a finaliser that died is taken
+# over within seconds.
+FINALIZE_LEASE = 10.0
 BUSY_POLL_FACTOR = 4
 
 
@@ -58,12 +62,24 @@ class Engine:
         self._spool = Path(settings.data_dir) / "spool"
         # Limiters start with no slots: the first lease (at start) gives each its share.
         self._routes = {
-            d.model: Route(backends[d.model], DeploymentLimiter(d, capacity=0), d.timeout)
+            d.model: Route(
+                backends[d.model],
+                DeploymentLimiter(d, capacity=0, weight=settings.project_weight),
+                d.timeout,
+                RetryPolicy(max_attempts=d.max_attempts),
+            )
             for d in settings.effective_deployments()
             if d.model in backends
         }
+        self._activation_failures = FailureTracker("starting batch")
+        self._finalize_failures = FailureTracker("finalising batch")
+        self._shard_failures = FailureTracker("running shard")
         self.slots = SlotLeaser(
-            store, owner, [r.limiter for r in self._routes.values()], self._cfg.lease_seconds
+            store,
+            owner,
+            [r.limiter for r in self._routes.values()],
+            self._cfg.lease_seconds,
+            settings.project_weight,
         )
         self._runs: dict[tuple[str, int], ShardRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -119,10 +135,19 @@ class Engine:
         while True:
             free = self._cfg.max_shards - len(self._runs)
             claims = []
-            if free > 0:
+            # Full: still one more shard at a time of a batch nobody runs, so that a new batch
+            # starts within seconds however long the running ones take (at most twice
+            # max_shards; the slots themselves are shared fairly, see fair_slots.py).
+            idle_only = free <= 0 and len(self._runs) < 2 * self._cfg.max_shards
+            if free > 0 or idle_only:
                 try:
                     claims = await self._store.claim_shards(
-                        self.owner, free, time.time(), self._cfg.lease_seconds
+                        self.owner,
+                        max(free, 1),
+                        time.time(),
+                        self._cfg.lease_seconds,
+                        paused_models=self._paused_models(),
+                        idle_batches_only=idle_only,
                     )
                 except Exception:
                     log.exception("claiming shards failed")
@@ -144,6 +169,15 @@ class Engine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._idle_wait())
 
+    def _paused_models(self) -> list[str]:
+        """Deployments paused (by a ``retry-after``) for longer than a shard would wait: their
+        shards are not claimed until the pause ends."""
+        return [
+            model
+            for model, route in self._routes.items()
+            if route.limiter.pause_left() > route.policy.park_after
+        ]
+
     async def _run_shard(self, run: ShardRun) -> None:
         try:
             await run.run()
@@ -151,12 +185,36 @@ class Engine:
             log.warning("shard %s/%d: lease lost to another worker", *run.key)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("shard %s/%d failed; it will be claimed again", *run.key)
+        except Exception as exc:
+            await self._shard_failed(run, exc)
+        else:
+            self._shard_failures.succeeded(f"{run.key[0]}/{run.key[1]}")
         finally:
+            if run.park_until:
+                log.info(
+                    "shard %s/%d parked for %.0f s: the deployment asked for a pause",
+                    *run.key,
+                    run.park_until - time.time(),
+                )
             self._runs.pop(run.key, None)
             self._wake.set()
             self._shard_ended.set()
+
+    async def _shard_failed(self, run: ShardRun, exc: Exception) -> None:
+        """A shard whose run raised (its input unreadable, say) is released and not claimed
+        again before a backoff, not retried at once in a loop; after a few failures its
+        batch ends ``failed``."""
+        key = f"{run.key[0]}/{run.key[1]}"
+        failures = self._shard_failures
+        count = failures.failed(key, exc)
+        if failures.given_up(key):
+            await self._give_up(run.claim.batch_id, failures, "run", key=key)
+            return
+        not_before = time.time() + min(60.0, 2.0 * 2 ** (count - 1))
+        try:
+            await self._store.release_shard(run.claim, not_before)
+        except Exception:
+            log.exception("shard %s: releasing it failed; its lease lapses instead", key)
 
     def _idle_wait(self) -> float:
         """How long the claim and finalise loops wait when they found nothing: ``poll_seconds``,
@@ -227,15 +285,72 @@ class Engine:
                     FINALIZE_LEASE,
                     (new_id("file-"), new_id("file-")),
                 )
-                if batch is not None:
-                    await self._finalizer.finalize(batch)
             except Exception:
-                log.exception("finalising failed; it will be retried")
-            if batch is None:
+                log.exception("looking for batches to finalise failed")
+            if batch is not None:
+                await self._finalize_one(batch)
+            else:
                 # Woken at once when one of this engine's shards ends (often a batch's last).
                 self._shard_ended.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._shard_ended.wait(), self._idle_wait())
+
+    async def _finalize_one(self, batch: BatchRecord) -> None:
+        """Finalise one leased batch, renewing the lease while it runs. A failure is retried
+        (the lease lapses and the batch is claimed again) and, after a few, ends the batch
+        ``failed``; the loop goes on with the other batches meanwhile."""
+        heartbeat = asyncio.get_running_loop().create_task(self._renew_finalize(batch.id))
+        try:
+            await self._try_batch(
+                self._finalize_failures, batch.id, "finalised", self._finalizer.finalize(batch)
+            )
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _renew_finalize(self, batch_id: str) -> None:
+        while True:
+            await asyncio.sleep(FINALIZE_LEASE / 3)
+            try:
+                await self._store.renew_finalize(
+                    batch_id, self.owner, time.time() + FINALIZE_LEASE
+                )
+            except Exception:
+                log.exception("batch %s: renewing the finalising lease failed", batch_id)
+
+    async def _try_batch(
+        self, failures: FailureTracker, batch_id: str, what: str, work: Awaitable[None]
+    ) -> None:
+        """Run one batch's step; a failure is counted (and logged) for that batch alone, and
+        after :data:`MAX_TRIES` the batch ends ``failed``."""
+        try:
+            await work
+        except Exception as exc:
+            failures.failed(batch_id, exc)
+            if failures.given_up(batch_id):
+                await self._give_up(batch_id, failures, what)
+        else:
+            failures.succeeded(batch_id)
+
+    async def _give_up(
+        self, batch_id: str, failures: FailureTracker, what: str, *, key: str | None = None
+    ) -> None:
+        """End a batch whose handling (of ``key``: the batch, or one of its shards) keeps
+        failing: ``failed``, naming the error."""
+        key = key or batch_id
+        issue = ValidationIssue(
+            "internal_error",
+            f"The batch could not be {what} after {MAX_TRIES} tries: {failures.last_error(key)}",
+            None,
+            None,
+        )
+        try:
+            if await self._store.fail_started_batch(batch_id, issue, now()):
+                log.error("batch %s failed: %s", batch_id, issue.message)
+            failures.succeeded(key)
+        except Exception:
+            log.exception("batch %s: recording its failure failed", batch_id)
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -247,11 +362,33 @@ class Engine:
 
     async def sweep(self) -> None:
         """Finish what crashed processes left (validations, batch starts) and collect deleted
-        and expired files."""
-        for batch in await self._store.validating_batches():
-            await self._activator.activate(batch)
+        and expired files. Each step, and each batch within a step, fails on its own: an
+        error is logged with the batch's id and the rest goes on."""
+        await self._start_waiting_batches()
+        steps = [self._store.expire_files(now()), self._collect_deleted()]
         if self._webhooks is not None:
-            await self._webhooks.send_due()
-        await self._store.expire_files(now())
+            steps.insert(0, self._webhooks.send_due())
+        for step in steps:
+            try:
+                await step
+            except Exception:
+                log.exception("sweep step failed; it runs again in %.0f s", SWEEP_SECONDS)
+
+    async def _start_waiting_batches(self) -> None:
+        failures = self._activation_failures
+        try:
+            waiting = await self._store.validating_batches()
+        except Exception:
+            log.exception("reading the batches waiting to start failed")
+            return
+        for batch in waiting:
+            if not failures.due(batch.id):
+                continue
+            await self._try_batch(failures, batch.id, "started", self._activator.activate(batch))
+
+    async def _collect_deleted(self) -> None:
         for rec in await self._store.deleted_files_unreferenced():
-            await self._files.collect_if_unused(rec)
+            try:
+                await self._files.collect_if_unused(rec)
+            except Exception:
+                log.exception("file %s: removing its bytes failed; tried again later", rec.id)

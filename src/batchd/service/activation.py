@@ -65,7 +65,16 @@ class Activator:
         if issues:
             issues.sort(key=lambda i: i.line or 0)
             await self._store.fail_batch(batch.id, issues[:MAX_ISSUES], at, model=model)
-            log.info("batch %s failed validation: %d problems", batch.id, len(issues))
+            first = issues[0]
+            where = f"line {first.line} " if first.line else ""
+            log.info(
+                "batch %s (project %s) failed validation: %d problems, first: %s%s",
+                batch.id,
+                batch.project,
+                len(issues),
+                where,
+                first.code,
+            )
             return
         limit = deployment.enqueued_token_limit if deployment is not None else 0
         try:
@@ -87,6 +96,13 @@ class Activator:
                 None,
             )
             await self._store.fail_batch(batch.id, [issue], at, model=model)
-            log.info("batch %s failed: enqueued token limit of %s", batch.id, model)
+            log.info(
+                "batch %s (project %s) failed: enqueued token limit of %s",
+                batch.id,
+                batch.project,
+                model,
+            )
             return
-        log.info("batch %s in progress: %d requests", batch.id, summary.lines)
+        log.info(
+            "batch %s (project %s) in progress: %d requests", batch.id, batch.project, summary.lines
+        )

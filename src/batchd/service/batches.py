@@ -9,7 +9,8 @@ from batchd.backends.base import ENDPOINTS, normalise_endpoint
 from batchd.config import Settings, parse_window
 from batchd.errors import Conflict, InvalidRequest, NotFound, excerpt
 from batchd.models import (
-    FILE_ERROR,
+    API_AZURE,
+    API_OPENAI,
     PURPOSE_BATCH,
     TERMINAL,
     VALIDATING,
@@ -18,7 +19,6 @@ from batchd.models import (
     now,
 )
 from batchd.service.activation import Activator
-from batchd.service.files import file_error
 from batchd.store.sql import Store
 
 MAX_METADATA_PAIRS = 16
@@ -86,7 +86,11 @@ class BatchService:
         completion_window: Any,
         metadata: Any = None,
         output_expires_after: Any = None,
+        api: str = API_OPENAI,
     ) -> BatchRecord:
+        """Create a batch and start it (or fail it with every problem of its input).
+        ``api``: the URL tree it was made on; ``API_AZURE`` echoes ``endpoint`` as sent and
+        always gets both result files."""
         if not isinstance(input_file_id, str) or not input_file_id:
             raise InvalidRequest(
                 "input_file_id is required.",
@@ -124,13 +128,8 @@ class BatchService:
                 code="invalid_value",
                 param="input_file_id",
             )
-        if file.status == FILE_ERROR:
-            fatal = file_error(file.summary) if file.summary else None
-            raise InvalidRequest(
-                f"File {input_file_id} failed validation: {file.status_details}",
-                code=fatal.code if fatal else "invalid_file",
-                param="input_file_id",
-            )
+        # A file whose content failed the checks is accepted: the batch goes ``failed`` with
+        # every bad line in ``errors.data`` (as OpenAI does), not a 400 naming only one.
         created = now()
         rec = BatchRecord(
             id=new_id("batch_"),
@@ -144,6 +143,8 @@ class BatchService:
             input_blob_key=file.blob_key,
             metadata=meta,
             output_expires_after=out_expiry,
+            api=api,
+            endpoint_as_sent=endpoint.split("?", 1)[0].rstrip("/") if api == API_AZURE else None,
         )
         await self._store.insert_batch(rec)
         try:

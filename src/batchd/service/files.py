@@ -68,6 +68,17 @@ def file_error(summary: FileSummary) -> ValidationIssue | None:
     return next((i for i in summary.issues if i.code in fatal), None)
 
 
+def status_details(summary: FileSummary, fatal: ValidationIssue) -> str:
+    """The first reason a file is not usable, and where its other problems are: "Line 2 is
+    not valid JSON: ... (3 problems, on lines 2, 4, 6)"."""
+    lines = sorted({i.line for i in summary.issues if i.line is not None})
+    count = len(summary.issues)
+    if count <= 1:
+        return fatal.message
+    where = ", ".join(str(n) for n in lines[:10]) + (", ..." if len(lines) > 10 else "")
+    return f"{fatal.message} ({count} problems, on lines {where})" if lines else fatal.message
+
+
 @dataclass(slots=True)
 class Upload:
     """An upload in progress: the bytes are gathered a megabyte at a time, then go to the
@@ -190,7 +201,7 @@ class FileService:
             status=FILE_ERROR if fatal else FILE_PROCESSED,
             blob_key=input_key(upload.file_id),
             expires_at=created + expires_after if expires_after else None,
-            status_details=fatal.message if fatal else None,
+            status_details=status_details(summary, fatal) if summary and fatal else None,
             summary=summary,
         )
         try:

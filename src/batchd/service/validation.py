@@ -17,13 +17,21 @@ Codes checked here (endpoint-independent): ``invalid_json_line``, ``missing_requ
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 
 from batchd.backends.base import normalise_endpoint
 from batchd.models import FileSummary, ShardSpan, ValidationIssue
 from batchd.service.idset import IdSet
+from batchd.service.input_line import (
+    DECODE_ERRORS,
+    NonEmpty,
+    estimate_tokens,
+    head_decoder,
+    issue_param,
+    loose_head_decoder,
+)
 
 MAX_ISSUES = 100
 MAX_LINES_PER_KEY = 100  # lines remembered per url / model, for mismatch reports
@@ -39,49 +47,20 @@ class InputLine(msgspec.Struct):
     body: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
-class BodyHead(msgspec.Struct):
-    model: Any = None
-    stream: Any = None
-    max_tokens: Any = None
-    max_completion_tokens: Any = None
-    max_output_tokens: Any = None
-
-
-_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
-
-
 class _GoodLine(msgspec.Struct):
     """An input line as the fast path accepts it: every check that msgspec can do in C is
     in the types; a line that does not decode into it goes through the precise path."""
 
-    custom_id: _NonEmpty
+    custom_id: NonEmpty
     method: Literal["POST"]
     url: str
     body: msgspec.Raw
 
 
-class _GoodHead(msgspec.Struct):
-    """The body's head as the fast path accepts it (``stream`` is checked in Python: only
-    ``None`` and ``False`` pass)."""
-
-    model: _NonEmpty
-    stream: Any = None
-    max_tokens: Any = None
-    max_completion_tokens: Any = None
-    max_output_tokens: Any = None
-
-
 _line_decoder = msgspec.json.Decoder(InputLine)
-_body_decoder = msgspec.json.Decoder(BodyHead)
 _good_line_decoder = msgspec.json.Decoder(_GoodLine)
-_good_head_decoder = msgspec.json.Decoder(_GoodHead)
 
-
-def _max_out(head: BodyHead | _GoodHead) -> int:
-    for v in (head.max_completion_tokens, head.max_tokens, head.max_output_tokens):
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return 0
+BOM = b"\xef\xbb\xbf"
 
 
 class Validator:
@@ -93,13 +72,14 @@ class Validator:
         self._max_line_bytes = max_line_bytes
         self._shard_lines = shard_lines
         self._custom_ids = IdSet()
-        self._tail = b""
+        self._tail = bytearray()
         self._offset = 0  # offset of the first byte of self._tail
         self._line_no = 0  # physical lines seen (1-based numbering, blank lines count)
         self._shard: list[int] = []  # [start, first_line, count]
         self._shard_end = 0
         self._urls: dict[str, str] = {}  # url as written -> canonical, computed once per url
-        self._too_long = False
+        self._dropped = 0  # length of a line over max_line_bytes, whose bytes are not kept
+        self._at_start = True  # nothing seen yet: a byte order mark may come
 
     # -- reporting -------------------------------------------------------------------
     def _issue(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
@@ -123,20 +103,57 @@ class Validator:
 
     # -- the pass ----------------------------------------------------------------------
     def feed(self, chunk: bytes) -> None:
+        """Check the next bytes of the file. Linear in the input whatever its shape: a line
+        that runs across chunks is gathered in a growing buffer, and one longer than
+        ``max_line_bytes`` is only counted, not kept."""
+        if self._at_start:
+            # A leading UTF-8 byte order mark (Windows editors write one) is not part of the
+            # first line: skipped, and the shards' byte offsets count from after it.
+            head = bytes(self._tail) + chunk
+            if len(head) < len(BOM) and BOM.startswith(head):
+                self._tail = bytearray(head)
+                return
+            self._at_start = False
+            self._tail = bytearray()
+            if head.startswith(BOM):
+                head = head[len(BOM) :]
+                self._offset = len(BOM)
+            chunk = head
         last = chunk.rfind(b"\n")
         if last < 0:
-            self._tail += chunk
-        else:
-            start = 0
-            if self._tail:  # the line that runs across the chunks
-                start = chunk.find(b"\n") + 1
-                self._lines(self._tail + chunk[:start], 0, start + len(self._tail))
-            self._lines(chunk, start, last + 1)
-            self._tail = chunk[last + 1 :]
-        if len(self._tail) > self._max_line_bytes and not self._too_long:
-            self._too_long = True
+            self._keep_tail(chunk)
+            return
+        start = 0
+        if self._tail or self._dropped:  # the line that runs across the chunks
+            start = chunk.find(b"\n") + 1
+            if self._dropped:
+                self._too_long_line(self._dropped + start)
+            else:
+                self._tail += chunk[:start]
+                self._lines(bytes(self._tail), 0, len(self._tail))
+            self._tail, self._dropped = bytearray(), 0
+        self._lines(chunk, start, last + 1)
+        self._keep_tail(chunk[last + 1 :])
 
-    def _lines(self, buf: bytes, start: int, stop: int) -> None:  # noqa: C901 - one tight loop
+    def _keep_tail(self, data: bytes) -> None:
+        """Keep the start of a line whose end has not arrived yet (only its length once it
+        is longer than a line may be)."""
+        if self._dropped:
+            self._dropped += len(data)
+        elif len(self._tail) + len(data) > self._max_line_bytes:
+            self._dropped = len(self._tail) + len(data)
+            self._tail = bytearray()
+        else:
+            self._tail += data
+
+    def _too_long_line(self, length: int) -> None:
+        """A line of ``length`` bytes (with its newline) over the limit: reported, skipped."""
+        self._line_no += 1
+        n = self._line_no
+        self._not_jsonl(f"Line {n} is longer than {self._max_line_bytes} bytes.", n)
+        self._offset += length
+
+    def _lines(self, buf: bytes, start: int, stop: int) -> None:
         """Check the whole lines of ``buf[start:stop]`` (which ends with ``\\n``); they
         follow each other from ``self._offset``. A line that is well-formed and raises no
         issue (nearly all of them) is checked here with one decode of the line and one of
@@ -151,8 +168,8 @@ class Validator:
         max_lines = self._max_lines
         shard_lines = self._shard_lines
         decode_line = _good_line_decoder.decode
-        decode_head = _good_head_decoder.decode
-        fast_errors = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
+        decode_head = head_decoder.decode
+        fast_errors = (*DECODE_ERRORS, UnicodeDecodeError)
         ascii_only = buf.isascii()
         find = buf.find
         view = memoryview(buf)
@@ -215,23 +232,21 @@ class Validator:
             else:
                 self._remember(model_table, model, n)
                 last_model, model_entry = model, model_table.get(model)
-            tokens += len(line.body) // 4
-            if not (
-                head.max_completion_tokens is None
-                and head.max_tokens is None
-                and head.max_output_tokens is None
-            ):
-                tokens += _max_out(head)
+            tokens += estimate_tokens(len(line.body), head)
             start = nl + 1
         s.lines, s.token_estimate = count, tokens
         self._line_no = n
         self._offset = base + stop
 
     def finish(self) -> FileSummary:
-        if self._tail:
+        self._at_start = False
+        if self._dropped:
+            self._too_long_line(self._dropped)
+            self._dropped = 0
+        elif self._tail:
             end = self._offset + len(self._tail)
-            self._line(self._tail, self._offset, end)
-            self._tail = b""
+            self._line(bytes(self._tail), self._offset, end)
+            self._tail = bytearray()
         self._close_shard()
         s = self.summary
         if s.lines == 0 and s.jsonl_ok:
@@ -298,6 +313,9 @@ class Validator:
         except msgspec.ValidationError:
             self._not_jsonl(f"Line {n} is not a JSON object.", n)
             return
+        except RecursionError:
+            self._not_jsonl(f"Line {n} is JSON nested too deeply.", n)
+            return
         self._add_to_shard(start, end, n)
         cid, method, url = line.custom_id, line.method, line.url
         if msgspec.UNSET in (cid, method, url) or line.body is msgspec.UNSET:
@@ -333,24 +351,30 @@ class Validator:
 
     def _check_body(self, body: msgspec.Raw, n: int) -> None:
         try:
-            head = _body_decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+            loose = loose_head_decoder.decode(body)
+        except DECODE_ERRORS:
             self._issue("invalid_request", f"Line {n}: body must be a JSON object.", n, "body")
             return
-        if head.stream not in (None, False):
+        if loose.stream not in (None, False):
             self._issue(
                 "streaming_unsupported",
                 f"Line {n}: streaming is not supported in a batch.",
                 n,
                 "body.stream",
             )
-        if not isinstance(head.model, str) or not head.model:
+        if not isinstance(loose.model, str) or not loose.model:
             self._issue(
                 "missing_required_parameter", f"Line {n}: body has no 'model'.", n, "body.model"
             )
-        else:
-            self._remember(self.summary.models, head.model, n)
-        self.summary.token_estimate += len(body) // 4 + _max_out(head)
+            return
+        self._remember(self.summary.models, loose.model, n)
+        try:
+            head = head_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            param, reason = issue_param(exc)
+            self._issue("invalid_request", f"Line {n}: {param}: {reason}.", n, param)
+            return
+        self.summary.token_estimate += estimate_tokens(len(body), head)
 
 
 def mismatched_lines(summary: FileSummary, endpoint: str) -> list[tuple[int, str]]:

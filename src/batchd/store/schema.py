@@ -78,6 +78,9 @@ batches = Table(
     # Finalising is leased like a shard; its output ids are chosen once, so a redo reuses them.
     Column("final_owner", String(64), nullable=True),
     Column("final_until", Float, nullable=True),
+    # "azure" for a batch created on the /openai tree (both result files, endpoint as sent)
+    Column("api", String(16), nullable=True),
+    Column("endpoint_as_sent", String(64), nullable=True),
     Index("ix_batches_project_id", "project", "id"),
     Index("ix_batches_status", "status"),
     Index("ix_batches_input_file", "input_file_id"),
@@ -98,6 +101,8 @@ shards = Table(
     Column("token", Integer, nullable=False, default=0),
     Column("done", LargeBinary, nullable=False),
     Column("part_seq", Integer, nullable=False, default=0),
+    # parked: not claimed before this time (the deployment asked for a long pause)
+    Column("not_before", Float, nullable=True),
     Index("ix_shards_claim", "status", "lease_until"),
 )
 
@@ -123,6 +128,7 @@ deployment_slots = Table(
     Column("want", Integer, nullable=False),
     Column("slots", Integer, nullable=False),
     Column("until", Float, nullable=False),
+    Column("projects", LargeBinary, nullable=True),  # JSON: want by project
 )
 
 # Batch events (the outbox of webhooks): written in the transaction that ends a batch, delivered

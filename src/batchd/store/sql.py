@@ -10,7 +10,7 @@ each other. Driver errors become :class:`batchd.errors.StoreError` here and nowh
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd.errors import LeaseLost, QuotaExceeded, StoreError
 from batchd.models import (
+    API_OPENAI,
     CANCELLING,
     FAILED,
     FINALIZING,
@@ -42,10 +43,24 @@ from batchd.models import (
 )
 from batchd.store import slots
 from batchd.store.codec import decode_issues, decode_metadata, decode_summary, encode
-from batchd.store.schema import batches, events, files, parts, shards
+from batchd.store.schema import batches, deployment_slots, events, files, parts, shards
 from batchd.store.slots import SlotDemand, SlotGrant
 
 UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
+def _finalising(batch_id: str, owner: str) -> Any:
+    """The batch, while ``owner`` holds its finalising lease and it has not ended."""
+    return and_(
+        batches.c.id == batch_id,
+        batches.c.final_owner == owner,
+        batches.c.status.not_in(tuple(TERMINAL)),
+    )
+
+
+_HAS_SHARDS = exists().where(shards.c.batch_id == batches.c.id)
+# Not started: validating, or cancelled before its shards were made.
+_NOT_STARTED = or_(
+    batches.c.status == VALIDATING, and_(batches.c.status == CANCELLING, ~_HAS_SHARDS)
+)
 
 # Namespaces of the PostgreSQL advisory locks that make a limit's check and its take one
 # step between replicas (``pg_advisory_xact_lock(namespace, hashtext(key))``). SQLite needs
@@ -64,6 +79,7 @@ class ShardCheckpoint:
     usage: Usage  # their usage, added to the batch's counters
     shard_done: bool  # every line has a result: the shard ends
     release: bool = False  # the holder stops: the lease ends
+    not_before: float | None = None  # with ``release``: not claimed again before (parked)
 
 
 def _file(row: RowMapping, *, with_summary: bool = True) -> FileRecord:
@@ -116,6 +132,8 @@ def _batch(row: RowMapping) -> BatchRecord:
             reasoning_tokens=row["reasoning_tokens"],
         ),
         token_estimate=row["token_estimate"],
+        api=row["api"] or API_OPENAI,
+        endpoint_as_sent=row["endpoint_as_sent"],
     )
 
 
@@ -374,6 +392,8 @@ class Store:
                     output_tokens=0,
                     reasoning_tokens=0,
                     token_estimate=rec.token_estimate,
+                    api=rec.api,
+                    endpoint_as_sent=rec.endpoint_as_sent,
                 )
             )
 
@@ -398,7 +418,9 @@ class Store:
         return [_batch(r) for r in rows]
 
     async def validating_batches(self, file_id: str | None = None) -> list[BatchRecord]:
-        q = select(batches).where(batches.c.status == VALIDATING)
+        """Batches waiting for their start: ``validating``, or cancelled while validating
+        (``cancelling`` with no shard yet: their lines must still be listed as cancelled)."""
+        q = select(batches).where(_NOT_STARTED)
         if file_id is not None:
             q = q.where(batches.c.input_file_id == file_id)
         async with self._read() as conn:
@@ -419,6 +441,27 @@ class Store:
                 delete(batches).where(batches.c.id == batch_id, batches.c.status == VALIDATING)
             )
 
+    async def fail_started_batch(self, batch_id: str, issue: ValidationIssue, at: int) -> bool:
+        """End an unfinished batch ``failed`` for an internal reason (its handling kept
+        failing); its shards are no longer claimed. False if it had ended already."""
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id, batches.c.status.in_(UNFINISHED))
+                .values(
+                    status=FAILED,
+                    failed_at=at,
+                    errors=encode([issue]),
+                    final_owner=None,
+                    final_until=None,
+                    output_file_id=None,
+                    error_file_id=None,
+                )
+            )
+            if res.rowcount:
+                await _record_event(conn, batch_id, FAILED, at)
+            return bool(res.rowcount)
+
     async def activate_batch(
         self,
         batch_id: str,
@@ -429,26 +472,19 @@ class Store:
         at: int,
         token_limit: int = 0,
     ) -> bool:
-        """validating -> in_progress, creating the batch's shards. False if no longer validating.
+        """validating -> in_progress, creating the batch's shards. A batch cancelled while
+        validating gets its shards too but stays ``cancelling``: the finaliser then lists
+        every line as ``batch_cancelled``. False if it is started or ended already.
 
         With ``token_limit``, the model's enqueued tokens (the estimates of its unfinished
         batches) plus this one's must stay within it: checked and taken in this one
         transaction under a per-model lock, so two batches activated at once on any
         replicas cannot both pass. Raises :class:`QuotaExceeded` (nothing changed) if not."""
         async with self._write() as conn:
-            if token_limit and model is not None:
+            checked = bool(token_limit) and model is not None
+            if checked:
+                assert model is not None
                 await self._lock(conn, LOCK_ENQUEUED_TOKENS, model)
-                used = (
-                    await conn.execute(
-                        select(func.coalesce(func.sum(batches.c.token_estimate), 0)).where(
-                            batches.c.model == model,
-                            batches.c.status.in_(UNFINISHED),
-                            batches.c.id != batch_id,
-                        )
-                    )
-                ).scalar_one()
-                if used + token_estimate > token_limit:
-                    raise QuotaExceeded(f"{used} tokens of {token_limit}", used=int(used))
             res = await conn.execute(
                 update(batches)
                 .where(batches.c.id == batch_id, batches.c.status == VALIDATING)
@@ -460,6 +496,24 @@ class Store:
                     token_estimate=token_estimate,
                 )
             )
+            if res.rowcount and checked:
+                used = (
+                    await conn.execute(
+                        select(func.coalesce(func.sum(batches.c.token_estimate), 0)).where(
+                            batches.c.model == model,
+                            batches.c.status.in_(UNFINISHED),
+                            batches.c.id != batch_id,
+                        )
+                    )
+                ).scalar_one()
+                if used + token_estimate > token_limit:  # rolls the move back
+                    raise QuotaExceeded(f"{used} tokens of {token_limit}", used=int(used))
+            if not res.rowcount:
+                res = await conn.execute(
+                    update(batches)
+                    .where(batches.c.id == batch_id, _NOT_STARTED)
+                    .values(model=model, total=sum(s.count for s in spans))
+                )
             if not res.rowcount:
                 return False
             if spans:
@@ -489,7 +543,7 @@ class Store:
         async with self._write() as conn:
             res = await conn.execute(
                 update(batches)
-                .where(batches.c.id == batch_id, batches.c.status == VALIDATING)
+                .where(batches.c.id == batch_id, _NOT_STARTED)
                 .values(status=FAILED, failed_at=at, errors=encode(issues), model=model)
             )
             if res.rowcount:
@@ -523,7 +577,14 @@ class Store:
 
     # -- the work queue ------------------------------------------------------------
     async def claim_shards(
-        self, owner: str, n: int, now: float, lease_seconds: float
+        self,
+        owner: str,
+        n: int,
+        now: float,
+        lease_seconds: float,
+        *,
+        paused_models: Sequence[str] = (),
+        idle_batches_only: bool = False,
     ) -> list[ShardClaim]:
         """Lease up to ``n`` runnable shards: pending, unleased or with a lapsed lease, of a
         batch that is in progress and not past its deadline.
@@ -531,20 +592,54 @@ class Store:
         One statement for any ``n``: ``UPDATE shards ... WHERE (batch_id, idx) IN (SELECT ...
         FOR UPDATE SKIP LOCKED LIMIT n) RETURNING``, the batch's columns read by correlated
         subqueries in ``RETURNING`` (SQLite allows no joined table there). Each claim bumps
-        the shard's token, which fences the writes of whoever held it before."""
+        the shard's token, which fences the writes of whoever held it before. A parked shard
+        (``not_before`` in the future) and shards of ``paused_models`` are left alone.
+
+        Fair between batches: each batch's first shard (counting the shards it holds now)
+        comes before any batch's second, so a new small batch is claimed next, however many
+        shards a big one has waiting. ``idle_batches_only``: only shards of batches that no
+        engine runs now (the engine's extra claim beyond ``max_shards``)."""
         runnable = and_(
             shards.c.status == SHARD_PENDING,
             or_(shards.c.lease_until.is_(None), shards.c.lease_until < now),
+            or_(shards.c.not_before.is_(None), shards.c.not_before <= now),
             shards.c.batch_id.in_(
                 select(batches.c.id).where(
-                    batches.c.status == IN_PROGRESS, batches.c.expires_at > now
+                    batches.c.status == IN_PROGRESS,
+                    batches.c.expires_at > now,
+                    *([batches.c.model.not_in(list(paused_models))] if paused_models else []),
                 )
             ),
+        )
+        other = shards.alias("other")
+        leased = and_(
+            other.c.batch_id == shards.c.batch_id,
+            other.c.status == SHARD_PENDING,
+            other.c.lease_until.is_not(None),
+            other.c.lease_until >= now,
+        )
+        if idle_batches_only:
+            runnable = and_(runnable, ~exists().where(leased).correlate(shards))
+        # Fair order: every batch's k-th shard before any batch's (k+1)-th, counting the
+        # shards it holds already; oldest batch first among equals.
+        rank = (
+            select(func.count())
+            .select_from(other)
+            .where(
+                other.c.batch_id == shards.c.batch_id,
+                other.c.status == SHARD_PENDING,
+                or_(
+                    and_(other.c.lease_until.is_not(None), other.c.lease_until >= now),
+                    other.c.idx < shards.c.idx,
+                ),
+            )
+            .correlate(shards)
+            .scalar_subquery()
         )
         pick = (
             select(shards.c.batch_id, shards.c.idx)
             .where(runnable)
-            .order_by(shards.c.batch_id, shards.c.idx)
+            .order_by(rank, shards.c.batch_id, shards.c.idx)
             .limit(n)
             .with_for_update(of=shards, **self._skip_locked())
         )
@@ -569,6 +664,7 @@ class Store:
                 of_batch(batches.c.endpoint).label("endpoint"),
                 of_batch(batches.c.input_blob_key).label("input_blob_key"),
                 of_batch(batches.c.expires_at).label("expires_at"),
+                of_batch(batches.c.project).label("project"),
             )
         )
         async with self._write() as conn:
@@ -586,6 +682,7 @@ class Store:
                 endpoint=r["endpoint"],
                 input_blob_key=r["input_blob_key"],
                 expires_at=r["expires_at"],
+                project=r["project"],
             )
             for r in rows
         ]
@@ -613,6 +710,22 @@ class Store:
         async with self._write() as conn:
             kept = {(r.batch_id, r.idx) for r in await conn.execute(stmt)}
         return [(b, i) for b, i, _ in keys if (b, i) not in kept]
+
+    async def release_shard(self, claim: ShardClaim, not_before: float) -> bool:
+        """Give a held shard back without a checkpoint, not to be claimed before
+        ``not_before`` (its run failed). Fenced by the claim's token."""
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(shards)
+                .where(
+                    shards.c.batch_id == claim.batch_id,
+                    shards.c.idx == claim.idx,
+                    shards.c.token == claim.token,
+                    shards.c.status == SHARD_PENDING,
+                )
+                .values(lease_owner=None, lease_until=None, not_before=not_before)
+            )
+            return bool(res.rowcount)
 
     async def checkpoint(
         self,
@@ -659,7 +772,7 @@ class Store:
                 if ck.shard_done:
                     values.update(status=SHARD_DONE, lease_owner=None, lease_until=None)
                 elif ck.release:
-                    values.update(lease_owner=None, lease_until=None)
+                    values.update(lease_owner=None, lease_until=None, not_before=ck.not_before)
                 res = await conn.execute(
                     update(shards)
                     .where(
@@ -746,7 +859,8 @@ class Store:
             or_(batches.c.final_until.is_(None), batches.c.final_until < now),
             or_(
                 and_(batches.c.status.in_((IN_PROGRESS, FINALIZING)), ~pending),
-                and_(batches.c.status == CANCELLING, ~live_lease),
+                # a batch cancelled while validating waits for its shards (all cancelled)
+                and_(batches.c.status == CANCELLING, ~live_lease, _HAS_SHARDS),
                 and_(
                     batches.c.status.in_((IN_PROGRESS, FINALIZING)),
                     batches.c.expires_at <= now,
@@ -779,6 +893,14 @@ class Store:
                 .one()
             )
             return _batch(row)
+
+    async def renew_finalize(self, batch_id: str, owner: str, until: float) -> bool:
+        """Extend the finalising lease (the finaliser's heartbeat); False if it was lost."""
+        async with self._write() as conn:
+            res = await conn.execute(
+                update(batches).where(_finalising(batch_id, owner)).values(final_until=until)
+            )
+            return bool(res.rowcount)
 
     async def mark_finalizing(self, batch_id: str, owner: str, at: int) -> None:
         async with self._write() as conn:
@@ -846,11 +968,7 @@ class Store:
         async with self._write() as conn:
             res = await conn.execute(
                 update(batches)
-                .where(
-                    batches.c.id == batch_id,
-                    batches.c.final_owner == owner,
-                    batches.c.status.not_in(tuple(TERMINAL)),
-                )
+                .where(_finalising(batch_id, owner))
                 .values(
                     status=status,
                     output_file_id=output_file.id if output_file else None,
@@ -873,11 +991,25 @@ class Store:
 
     # -- cluster-wide deployment limits (see store/slots.py) --------------------------------
     async def lease_slots(
-        self, owner: str, demands: dict[str, SlotDemand], now: float, until: float
+        self,
+        owner: str,
+        demands: dict[str, SlotDemand],
+        now: float,
+        until: float,
+        weight: Callable[[str], float] = lambda _: 1.0,
     ) -> dict[str, SlotGrant]:
-        """Renew this process's shares of the deployments' slots; one transaction."""
+        """Renew this process's shares of the deployments' slots; one transaction.
+        ``weight(project)``: the projects' relative shares."""
         async with self._write() as conn:
-            return await slots.lease(conn, owner, demands, now, until)
+            return await slots.lease(conn, owner, demands, now, until, weight)
+
+    async def live_engines(self, now: float) -> int:
+        """Engine processes alive now: each renews its slot leases every second or so
+        (``deployment_slots``), so a process with an unexpired lease is running."""
+        t = deployment_slots
+        q = select(func.count(func.distinct(t.c.owner))).where(t.c.until >= now)
+        async with self._read() as conn:
+            return int((await conn.execute(q)).scalar_one())
 
     async def release_slots(self, owner: str) -> None:
         async with self._write() as conn:

@@ -5,12 +5,24 @@ It answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
 the last user message), with switches set by ``POST /_control``:
 
 - ``latency``: seconds before each answer;
+- ``capacity``: a model server's capacity (0: unlimited): it serves that many requests at
+  once, each for ``latency``, and queues the rest first come first served, so that their
+  latency grows with the queue; past ``queue_limit`` waiting it answers 429
+  (``retry-after: 1``), as vLLM behind a gateway does;
 - ``fail_rate``: share of requests answered 500;
 - ``rate_limit_rate``: share answered 429 with ``retry-after: <retry_after>``;
-- ``reject_content``: a substring that makes a chat request a final 400.
+- ``reject_content``: a substring that makes a chat request a final 400;
+- ``misbehave``: ``{key: behaviour}`` for requests whose prompt contains ``key`` (or whose
+  model is NAME, for a key ``model=NAME``), the upstream misbehaviours of real servers and
+  gateways: ``html_500`` (an HTML error page), ``non_json_2xx`` (a 200 that is not JSON),
+  ``truncated`` (the connection closes mid-body), ``nested`` (a 200 nested 1,500 levels
+  deep), ``invalid_utf8`` (a 200 with invalid UTF-8 inside a string), ``null_usage``
+  (``cached_tokens: null`` and float counts, as LiteLLM-style gateways send), ``always_500``,
+  ``retry_after_long`` (429 with ``retry-after: 3600``), ``never_answer`` (no answer at all).
 
-``GET /_stats`` reports the requests seen, the most in flight at once, and how often each
-prompt was answered with a 2xx (to find duplicates). ``POST /_reset`` clears them.
+``GET /_stats`` reports the requests seen, the most in flight at once, how often each
+prompt was answered with a 2xx (to find duplicates) and how often each was tried at all
+(``attempts``). ``POST /_reset`` clears them.
 
 Run: ``python -m batchd.testing.fake_upstream --port 9000``.
 """
@@ -19,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import random
 import time
 import uuid
@@ -33,10 +46,13 @@ from aiohttp import web
 @dataclass
 class Switches:
     latency: float = 0.0
+    capacity: int = 0
+    queue_limit: int = 1_000_000
     fail_rate: float = 0.0
     rate_limit_rate: float = 0.0
     retry_after: float = 0.05
     reject_content: str | None = None
+    misbehave: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,6 +62,7 @@ class Stats:
     max_in_flight: int = 0
     status: Counter[int] = field(default_factory=Counter)
     answered: Counter[str] = field(default_factory=Counter)
+    attempts: Counter[str] = field(default_factory=Counter)
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -161,40 +178,153 @@ def _injected_failure(switches: Switches, prompt: str) -> web.Response | None:
     return None
 
 
+def _behaviour(switches: Switches, model: str, prompt: str) -> str | None:
+    for key, behaviour in switches.misbehave.items():
+        if key.startswith("model="):
+            if model == key[6:]:
+                return behaviour
+        elif key in prompt:
+            return behaviour
+    return None
+
+
+async def _misbehave(
+    request: web.Request, behaviour: str, path: str, body: dict[str, Any]
+) -> web.StreamResponse:
+    if behaviour == "html_500":
+        html = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+        return web.Response(body=html, status=500, content_type="text/html")
+    if behaviour == "non_json_2xx":
+        return web.Response(body=b"OK", status=200, content_type="text/plain")
+    if behaviour == "truncated":
+        resp = web.StreamResponse(status=200, headers={"content-type": "application/json"})
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await resp.write(b'{"id": "cut", "choices": [')
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    if behaviour == "nested":
+        deep = b'{"id": "deep", "x": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+        return web.Response(body=deep, content_type="application/json")
+    if behaviour == "invalid_utf8":
+        good = orjson.dumps(answer(path, body))
+        broken = good.replace(b"echo: ", b"echo: \xff\xfe ", 1)
+        return web.Response(body=broken, content_type="application/json")
+    if behaviour == "null_usage":
+        doc = answer(path, body)
+        doc["usage"] = {
+            "prompt_tokens": 7.0,
+            "completion_tokens": 3,
+            "total_tokens": 10.0,
+            "prompt_tokens_details": {"cached_tokens": None, "audio_tokens": None},
+            "completion_tokens_details": None,
+            "extra": {"anything": [1, 2]},
+        }
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+    if behaviour == "always_500":
+        return _error(500, "The server had an error.", "server_error")
+    if behaviour == "retry_after_long":
+        resp = _error(429, "Rate limit reached.", "rate_limit_error")
+        resp.headers["retry-after"] = "3600"
+        return resp
+    if behaviour == "never_answer":
+        await asyncio.sleep(3600)
+    return _error(400, f"unknown behaviour {behaviour}", "invalid_request_error")
+
+
+async def _odd_answer(
+    request: web.Request, behaviour: str, body: dict[str, Any], prompt: str, stats: Stats
+) -> web.StreamResponse:
+    resp = await _misbehave(request, behaviour, request.path, body)
+    stats.status[resp.status] += 1
+    if resp.status < 300 and behaviour != "truncated":
+        stats.answered[prompt] += 1
+    return resp
+
+
+class _Server:
+    """The capacity model: ``capacity`` places, a FIFO queue for the rest."""
+
+    def __init__(self) -> None:
+        self.serving = 0
+        self.queue: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def enter(self, switches: Switches) -> bool:
+        """A place (waiting for it); False when the queue is full (answer 429)."""
+        if self.serving < switches.capacity and not self.queue:
+            self.serving += 1
+            return True
+        if len(self.queue) >= switches.queue_limit:
+            return False
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue.append(fut)
+        await fut  # the place is handed over by leave()
+        return True
+
+    def leave(self) -> None:
+        while self.queue:
+            fut = self.queue.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.serving -= 1
+
+
+async def _respond(
+    request: web.Request, raw: bytes, switches: Switches, stats: Stats
+) -> web.StreamResponse:
+    """The answer to one request, once it is its turn to be served."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        stats.status[400] += 1
+        return _error(
+            400, "We could not parse the JSON body of your request.", "invalid_request_error"
+        )
+    prompt = _prompt(body)
+    stats.attempts[prompt] += 1
+    behaviour = _behaviour(switches, str(body.get("model", "")), prompt)
+    if behaviour is not None:
+        return await _odd_answer(request, behaviour, body, prompt, stats)
+    failure = _injected_failure(switches, prompt)
+    if failure is not None:
+        stats.status[failure.status] += 1
+        return failure
+    stats.status[200] += 1
+    stats.answered[prompt] += 1
+    return web.Response(
+        body=orjson.dumps(answer(request.path, body)),
+        content_type="application/json",
+        headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
+    )
+
+
 def make_app(latency: float = 0.0) -> web.Application:
     switches = Switches(latency=latency)
     stats = Stats()
+    server = _Server()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         stats.requests += 1
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        entered = False
         try:
             raw = await request.read()
+            if switches.capacity:
+                entered = await server.enter(switches)
+                if not entered:
+                    stats.status[429] += 1
+                    resp = _error(429, "The server is busy.", "rate_limit_error")
+                    resp.headers["retry-after"] = "1"
+                    return resp
             if switches.latency:
                 await asyncio.sleep(switches.latency)
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                stats.status[400] += 1
-                return _error(
-                    400,
-                    "We could not parse the JSON body of your request.",
-                    "invalid_request_error",
-                )
-            prompt = _prompt(body)
-            failure = _injected_failure(switches, prompt)
-            if failure is not None:
-                stats.status[failure.status] += 1
-                return failure
-            stats.status[200] += 1
-            stats.answered[prompt] += 1
-            return web.Response(
-                body=orjson.dumps(answer(request.path, body)),
-                content_type="application/json",
-                headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
-            )
+            return await _respond(request, raw, switches, stats)
         finally:
+            if entered:
+                server.leave()
             stats.in_flight -= 1
 
     async def control(request: web.Request) -> web.Response:
@@ -213,6 +343,7 @@ def make_app(latency: float = 0.0) -> web.Application:
                     "max_in_flight": stats.max_in_flight,
                     "status": {str(k): v for k, v in stats.status.items()},
                     "answered": dict(stats.answered),
+                    "attempts": dict(stats.attempts),
                 }
             ),
             content_type="application/json",
@@ -223,6 +354,7 @@ def make_app(latency: float = 0.0) -> web.Application:
         fresh = Stats()
         stats.requests, stats.max_in_flight = fresh.requests, stats.in_flight
         stats.status, stats.answered = fresh.status, fresh.answered
+        stats.attempts = fresh.attempts
         return web.json_response({"ok": True})
 
     app = web.Application(client_max_size=64 * 1024 * 1024)

@@ -1,0 +1,142 @@
+"""The retry policy (engine/retry.py): what is retried, how often, and when it is given up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from batchd.backends.base import UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
+from batchd.engine import retry
+from batchd.engine.retry import Parked, RetryPolicy, send_with_retries
+
+
+class Deployment:
+    def __init__(self) -> None:
+        self.until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self.until = max(self.until, time.time() + seconds)
+
+    def pause_left(self) -> float:
+        return max(0.0, self.until - time.time())
+
+
+class Script:
+    """Answers (or exceptions) in order; the last one repeats."""
+
+    def __init__(self, *answers: UpstreamResponse | Exception) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    async def __call__(self, seconds: float) -> UpstreamResponse:
+        self.calls += 1
+        answer = self.answers[min(self.calls, len(self.answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def status(code: int, retry_after: float | None = None) -> UpstreamResponse:
+    return UpstreamResponse(code, b'{"error": {"message": "x"}}', "r", retry_after)
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry, "BACKOFF_FIRST", 0.001)
+
+
+async def run(
+    script: Script,
+    *,
+    attempts: int = 4,
+    deadline: float = 60,
+    deployment: Deployment | None = None,
+    stop: asyncio.Event | None = None,
+) -> UpstreamResponse | Parked | None:
+    return await send_with_retries(
+        script,
+        deployment=deployment or Deployment(),
+        deadline=time.time() + deadline,
+        stop=stop or asyncio.Event(),
+        time_limit=5,
+        policy=RetryPolicy(max_attempts=attempts, park_after=1.0),
+    )
+
+
+@pytest.mark.parametrize("final", [200, 400, 404, 409, 422])
+async def test_final_answers_are_not_retried(final: int) -> None:
+    script = Script(status(final))
+    assert (await run(script)) == status(final)
+    assert script.calls == 1
+
+
+async def test_5xx_retried_up_to_max_attempts_then_final() -> None:
+    script = Script(status(500))
+    result = await run(script, attempts=4)
+    assert isinstance(result, UpstreamResponse) and result.status_code == 500
+    assert script.calls == 4
+
+
+async def test_recovers_after_transient_failures() -> None:
+    script = Script(status(503), UpstreamTimeout("t"), status(408), status(200))
+    assert (await run(script, attempts=4)) == status(200)
+    assert script.calls == 4
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "want"),
+    [
+        (UpstreamTimeout("read timed out"), 504, "upstream_timeout"),
+        (UpstreamUnavailable("refused"), 502, "upstream_unreachable"),
+        (RecursionError("deep"), 502, "internal_error"),
+    ],
+)
+async def test_transport_failures_end_in_a_synthetic_error(
+    exc: Exception, code: int, want: str
+) -> None:
+    script = Script(exc)
+    result = await run(script, attempts=3)
+    assert isinstance(result, UpstreamResponse) and result.status_code == code
+    assert want.encode() in result.body and script.calls == 3
+
+
+async def test_429_uses_no_attempt() -> None:
+    script = Script(*[status(429)] * 6, status(200))
+    assert (await run(script, attempts=2)) == status(200)
+    assert script.calls == 7
+
+
+async def test_retry_after_pauses_the_deployment() -> None:
+    deployment = Deployment()
+    script = Script(status(429, retry_after=0.3), status(200))
+    started = time.time()
+    assert (await run(script, deployment=deployment)) == status(200)
+    assert time.time() - started >= 0.3
+    # another sender of the deployment waits too, without a request of its own
+    other = Script(status(200))
+    deployment.pause(0.2)
+    started = time.time()
+    await run(other, deployment=deployment)
+    assert time.time() - started >= 0.2 and other.calls == 1
+
+
+async def test_a_long_pause_parks_and_one_past_the_deadline_is_final() -> None:
+    deployment = Deployment()
+    parked = await run(Script(status(429, retry_after=30)), deployment=deployment)
+    assert isinstance(parked, Parked) and parked.until > time.time() + 25
+    late = await run(Script(status(429, retry_after=30)), deadline=10)
+    assert isinstance(late, UpstreamResponse) and late.status_code == 429
+
+
+async def test_cancel_ends_a_wait_at_once() -> None:
+    stop = asyncio.Event()
+    deployment = Deployment()
+    deployment.pause(0.9)  # under park_after: waited out, unless stopped
+    task = asyncio.ensure_future(run(Script(status(200)), deployment=deployment, stop=stop))
+    await asyncio.sleep(0.05)
+    started = time.time()
+    stop.set()
+    assert (await task) is None
+    assert time.time() - started < 0.2
