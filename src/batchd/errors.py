@@ -88,12 +88,13 @@ class QuotaExceeded(BatchdError):
         self.used = used
 
 
-def excerpt(value: object, most: int = 64) -> str:
+def excerpt(value: object, most: int = 64, *, quote: bool = True) -> str:
     """Client input as it may be echoed in an error message: a string's ``repr`` cut to about
-    ``most`` characters (a 1 MB field never comes back whole), a number or ``None`` as is, any
-    other value by its type only (never rendered whole)."""
+    ``most`` characters (a 1 MB field never comes back whole; ``quote=False``: the string
+    itself, cut, as ids are shown), a number or ``None`` as is, any other value by its type
+    only (never rendered whole)."""
     if isinstance(value, str):
-        text = repr(value[: most + 1])
+        text = repr(value[: most + 1]) if quote else value[: most + 1]
         return text if len(value) <= most and len(text) <= most else text[: most - 1] + "…"
     if value is None or isinstance(value, bool | float):
         return repr(value)

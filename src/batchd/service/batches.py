@@ -117,14 +117,14 @@ class BatchService:
         file = await self._store.get_file(input_file_id, project)
         if file is None:
             raise NotFound(
-                f"No such File object: {excerpt(input_file_id)}",
+                f"No such File object: {excerpt(input_file_id, quote=False)}",
                 code="file_not_found",
                 param="input_file_id",
             )
         if file.purpose != PURPOSE_BATCH:
             raise InvalidRequest(
-                f"File {excerpt(input_file_id)} has purpose {file.purpose!r}; a batch needs "
-                "'batch'.",
+                f"File {excerpt(input_file_id, quote=False)} has purpose {file.purpose!r}; "
+                "a batch needs 'batch'.",
                 code="invalid_value",
                 param="input_file_id",
             )
@@ -160,7 +160,7 @@ class BatchService:
         rec = await self._store.get_batch(batch_id, project)
         if rec is None:
             raise NotFound(
-                f"No such Batch object: {excerpt(batch_id)}",
+                f"No such Batch object: {excerpt(batch_id, quote=False)}",
                 code="batch_not_found",
                 param="batch_id",
             )
@@ -176,7 +176,7 @@ class BatchService:
         rec = await self._store.request_cancel(batch_id, project, now())
         if rec is None:
             raise NotFound(
-                f"No such Batch object: {excerpt(batch_id)}",
+                f"No such Batch object: {excerpt(batch_id, quote=False)}",
                 code="batch_not_found",
                 param="batch_id",
             )

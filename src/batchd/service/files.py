@@ -221,7 +221,9 @@ class FileService:
         rec = await self._store.get_file(file_id, project)
         if rec is None:
             raise NotFound(
-                f"No such File object: {excerpt(file_id)}", code="file_not_found", param="file_id"
+                f"No such File object: {excerpt(file_id, quote=False)}",
+                code="file_not_found",
+                param="file_id",
             )
         return rec
 
@@ -240,7 +242,7 @@ class FileService:
             await self._blobs.size(rec.blob_key)
         except BlobNotFound:
             raise NotFound(
-                f"No content for file {excerpt(file_id)}", code="file_not_found"
+                f"No content for file {excerpt(file_id, quote=False)}", code="file_not_found"
             ) from None
         return rec
 
@@ -254,7 +256,9 @@ class FileService:
         rec = await self._store.mark_file_deleted(file_id, project, now())
         if rec is None:
             raise NotFound(
-                f"No such File object: {excerpt(file_id)}", code="file_not_found", param="file_id"
+                f"No such File object: {excerpt(file_id, quote=False)}",
+                code="file_not_found",
+                param="file_id",
             )
         await self.collect_if_unused(rec)
 
