@@ -248,6 +248,8 @@ class Settings(BaseSettings):
     data_file_mode: Annotated[int, BeforeValidator(_octal_mode), AfterValidator(_file_mode)] = (
         Field(default=0o600, description="permissions of the database and every file batchd stores")
     )
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = False
 
     @classmethod
     def settings_customise_sources(

@@ -1,6 +1,6 @@
 """schemathesis against the OpenAPI document a real ``batchd serve`` serves (issue 10).
 
-Every operation of the document gets generated requests, both valid (positive) and invalid
+Every operation of the ``/v1`` tree gets generated requests, both valid (positive) and invalid
 (negative) ones, sent with a key; each answer must be no 5xx, a status the document lists
 for the route with the body and content type it documents, a 4xx for data the document
 rules out, a 405 with ``Allow`` for a method the path lacks, and a 401 without a key.
@@ -34,7 +34,9 @@ def operations(server: Server, client: OpenAI) -> list[Any]:
         input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
-    ops = [result.ok() for result in schema.get_all_operations()]
+    # The /openai and /openai/v1 trees are the same operations on the same handlers: /v1
+    # stands for them (their documents are copies of its, see api/docs.py).
+    ops = [op for op in (r.ok() for r in schema.get_all_operations()) if op.path.startswith("/v1/")]
     assert len(ops) >= 9 + 5  # nine routes, five of them GETs that answer HEAD too
     return ops
 

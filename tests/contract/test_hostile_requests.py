@@ -412,7 +412,7 @@ def test_openapi_lists_every_status(server: Server) -> None:
     assert any("pattern" in alt for alt in params["after"]["anyOf"])
     files = {p["name"]: p["schema"] for p in doc["paths"]["/v1/files"]["get"]["parameters"]}
     assert files["order"]["enum"] == ["asc", "desc"]
-    assert set(doc["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "api-key"}
 
 
 # -- a body that stops arriving --------------------------------------------------------------------

@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
-from starlette.responses import Response
+from fastapi.routing import APIRouter
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
 
-from batchd.api import errors, openapi
+from batchd.api import docs, errors, openapi
 from batchd.api.auth import Authenticator
 from batchd.api.bodyguard import BodyGuard
 from batchd.api.readiness import Readiness
@@ -26,8 +29,14 @@ from batchd.blobs.base import Blobs
 from batchd.config import Settings
 from batchd.service.activation import Activator
 from batchd.service.batches import BatchService
+from batchd.service.dashboard import DashboardService
 from batchd.service.files import FileService
+from batchd.service.retry import RetryService
 from batchd.store.sql import Store
+from batchd.telemetry import exposition
+from batchd.telemetry.metrics import Metrics
+from batchd.ui.app import Dashboard
+from batchd.ui.session import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +55,10 @@ def create_app(
     """``engine_process``: the state of ``batchd serve``'s embedded engine process, shown
     by ``/readyz``."""
     activator = Activator(settings, store)
+    metrics = Metrics()
     readiness = Readiness(store, engine_process)
     services = Services(
-        files=FileService(settings, store, blobs),
+        files=FileService(settings, store, blobs, metrics),
         batches=BatchService(settings, store, activator),
         auth=Authenticator(settings.auth),
         max_upload_bytes=settings.limits.max_file_bytes,
@@ -73,22 +83,44 @@ def create_app(
     app = FastAPI(
         title="batchd",
         summary="The OpenAI and Azure OpenAI Batch API, self-hosted",
+        description=docs.DESCRIPTION,
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.services = services
     errors.install(app)
     openapi.install(app)
     app.add_middleware(BodyGuard, timeout=settings.limits.body_timeout_seconds)
     router = build_router()
-    methods = app.state.methods = errors.MethodTable()
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix, include_in_schema=prefix == "/v1")
-        for route in router.routes:
-            if isinstance(route, APIRoute):
-                methods.add(prefix + route.path, route.methods or ())
-    methods.add("/healthz", GET)
-    methods.add("/readyz", GET)
+    docs.install(app, {route.path for route in router.routes if hasattr(route, "path")})
+    dashboard = DashboardService(
+        settings,
+        store,
+        blobs,
+        files=services.files,
+        batches=services.batches,
+        retries=RetryService(services.files, services.batches, blobs),
+        read_metrics=lambda: exposition.process_metrics(metrics.registry),
+    )
+    app.mount("/ui", Dashboard(dashboard, services.files, Sessions(services.auth)).app())
+
+    @app.api_route("/", methods=GET, include_in_schema=False)
+    @app.api_route("/ui", methods=GET, include_in_schema=False)
+    async def to_dashboard() -> Response:
+        return RedirectResponse("/ui/", status_code=307)
+
+    @app.api_route("/metrics", methods=GET, include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format: this host's processes and the store's state."""
+        state = await store.queue_state(time.time())
+        body = await anyio.to_thread.run_sync(
+            exposition.render, metrics.registry, settings, state
+        )
+        return Response(body, media_type=exposition.CONTENT_TYPE)
 
     @app.api_route("/healthz", methods=GET, include_in_schema=False)
     async def healthz() -> Response:
@@ -101,4 +133,15 @@ def create_app(
         ok, body = await readiness.check()
         return json_response(body, 200 if ok else 503)
 
+    app.state.methods = _method_table(app, router)
     return app
+
+
+def _method_table(app: FastAPI, router: APIRouter) -> errors.MethodTable:
+    """Every route's methods: the trees' (``router`` under each prefix) and the app's own."""
+    table = errors.MethodTable()
+    routes = [(prefix, r) for prefix in PREFIXES for r in router.routes]
+    for prefix, route in [*routes, *(("", r) for r in app.router.routes)]:
+        if isinstance(route, Route) and route.methods:
+            table.add(prefix + route.path, route.methods)
+    return table

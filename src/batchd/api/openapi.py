@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 
 
@@ -116,37 +115,24 @@ def responses(
     return out
 
 
-SECURITY_SCHEMES = {
-    "bearer": {"type": "http", "scheme": "bearer", "description": "OpenAI style"},
-    "apiKey": {"type": "apiKey", "in": "header", "name": "api-key", "description": "Azure"},
-}
-
-
 def _finish(schema: dict[str, Any]) -> dict[str, Any]:
     for path in schema.get("paths", {}).values():
         for op in path.values():
             op.get("responses", {}).pop("422", None)
-    components = schema.setdefault("components", {})
     for name in ("HTTPValidationError", "ValidationError"):
-        components.get("schemas", {}).pop(name, None)
-    components["securitySchemes"] = SECURITY_SCHEMES
-    schema["security"] = [{"bearer": []}, {"apiKey": []}]
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
     return schema
 
 
 def install(app: FastAPI) -> None:
-    """Serve the finished document (built once, on first request)."""
+    """Finish the document FastAPI builds (once, on first request). Install before
+    :func:`batchd.api.docs.install`, which copies the finished ``/v1`` operations to the
+    Azure trees and declares the two key headers as security schemes."""
+    plain = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _finish(
-                get_openapi(
-                    title=app.title,
-                    version=app.version,
-                    summary=app.summary,
-                    routes=app.routes,
-                )
-            )
+            app.openapi_schema = _finish(plain())
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override

@@ -204,7 +204,7 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
                 code="file_too_large",
                 param="file",
             )
-        form = await read_form(request, svc.files, svc.max_upload_bytes)
+        form = await read_form(request, svc.files)
         upload = form.upload
         try:
             if upload is None:

@@ -236,11 +236,11 @@ class FormParser:
             await self.reader.form.upload.writer.abort()
 
 
-async def read_form(request: Request, files: FileService, max_file_bytes: int) -> Form:
+async def read_form(request: Request, files: FileService) -> Form:
     """Parse the form, streaming the ``file`` part into a new upload. On error the upload
     is aborted and nothing is left in storage."""
     parser = FormParser(
-        request.headers.get("content-type", ""), files, max_file_bytes + FORM_OVERHEAD
+        request.headers.get("content-type", ""), files, files.max_file_bytes + FORM_OVERHEAD
     )
     try:
         async for chunk in request.stream():

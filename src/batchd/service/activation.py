@@ -14,6 +14,7 @@ from batchd.errors import QuotaExceeded
 from batchd.models import BatchRecord, ValidationIssue, now
 from batchd.service.validation import MAX_ISSUES, mismatched_lines
 from batchd.store.sql import Store
+from batchd.telemetry.logs import about
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Activator:
                 len(issues),
                 where,
                 first.code,
+                extra=about(batch),
             )
             return
         limit = deployment.enqueued_token_limit if deployment is not None else 0
@@ -104,5 +106,9 @@ class Activator:
             )
             return
         log.info(
-            "batch %s (project %s) in progress: %d requests", batch.id, batch.project, summary.lines
+            "batch %s (project %s) in progress: %d requests",
+            batch.id,
+            batch.project,
+            summary.lines,
+            extra=about(batch),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from batchd.backends.base import ENDPOINTS, normalise_endpoint
@@ -11,6 +12,7 @@ from batchd.errors import Conflict, InvalidRequest, NotFound, excerpt
 from batchd.models import (
     API_AZURE,
     API_OPENAI,
+    CANCELLING,
     PURPOSE_BATCH,
     TERMINAL,
     VALIDATING,
@@ -20,6 +22,9 @@ from batchd.models import (
 )
 from batchd.service.activation import Activator
 from batchd.store.sql import Store
+from batchd.telemetry.logs import about
+
+log = logging.getLogger(__name__)
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
@@ -147,6 +152,14 @@ class BatchService:
             endpoint_as_sent=endpoint.split("?", 1)[0].rstrip("/") if api == API_AZURE else None,
         )
         await self._store.insert_batch(rec)
+        log.info(
+            "batch %s (project %s) validating: created from %s for %s",
+            rec.id,
+            project,
+            input_file_id,
+            canonical,
+            extra=about(rec),
+        )
         try:
             await self._activator.activate(rec)
         except BaseException:
@@ -180,6 +193,9 @@ class BatchService:
                 code="batch_not_found",
                 param="batch_id",
             )
+        if rec.status == CANCELLING:
+            log.info("batch %s (project %s) cancelling: cancel requested", batch_id, project,
+                     extra=about(rec))
         if rec.status in TERMINAL or rec.status == "finalizing":
             raise Conflict(
                 f"Cannot cancel a batch with status {rec.status!r}.",

@@ -31,6 +31,7 @@ from batchd.models import (
 )
 from batchd.service.validation import Validator
 from batchd.store.sql import Store
+from batchd.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,18 @@ def _too_many_files(max_files: int) -> InvalidRequest:
 
 
 class FileService:
-    def __init__(self, settings: Settings, store: Store, blobs: Blobs) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, blobs: Blobs, metrics: Metrics | None = None
+    ) -> None:
         self._settings = settings
         self._store = store
         self._blobs = blobs
+        self._metrics = metrics
+
+    @property
+    def max_file_bytes(self) -> int:
+        """The largest file an upload may store (``limits.max_file_bytes``)."""
+        return self._settings.limits.max_file_bytes
 
     # -- upload ---------------------------------------------------------------------
     def begin_upload(self, filename: str | None) -> Upload:
@@ -214,6 +223,8 @@ class FileService:
             raise
         if summary is not None:
             log.info("file %s: %s, %d lines", rec.id, rec.status, summary.lines)
+        if self._metrics is not None:
+            self._metrics.uploaded(purpose, size, summary)
         return rec
 
     # -- reads ----------------------------------------------------------------------------
