@@ -21,9 +21,14 @@ def mode(p: Path) -> int:
 
 
 def modes_under(root: Path) -> tuple[set[int], set[int]]:
+    """The modes of the folders, and of the files but prometheus_client's counters (written
+    by the library under the umask, in the private metrics/ folder)."""
     dirs, files = {mode(root)}, set()
     for p in root.rglob("*"):
-        (dirs if p.is_dir() else files).add(mode(p))
+        if p.is_dir():
+            dirs.add(mode(p))
+        elif p.parent.parent.name != "metrics":
+            files.add(mode(p))
     return dirs, files
 
 
