@@ -51,9 +51,10 @@ def create_app(
     owner: str,
     hooks: Sequence[contextlib.AbstractAsyncContextManager[Any]] = (),
     engine_process: Callable[[], dict[str, Any]] | None = None,
+    wake_engine: Callable[[], None] | None = None,
 ) -> FastAPI:
     """``engine_process``: the state of ``batchd serve``'s embedded engine process, shown
-    by ``/readyz``."""
+    by ``/readyz``; ``wake_engine``: tells it a batch started (it claims at once)."""
     activator = Activator(settings, store)
     metrics = Metrics()
     readiness = Readiness(store, engine_process)
@@ -63,6 +64,7 @@ def create_app(
         auth=Authenticator(settings.auth),
         max_upload_bytes=settings.limits.max_file_bytes,
         readiness=readiness,
+        wake_engine=wake_engine or (lambda: None),
     )
     ready = asyncio.Event()
 

@@ -10,6 +10,7 @@ parameters by their declared constraints (a violation is a 400 naming it), bodie
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,6 +52,7 @@ class Services:
     auth: Authenticator
     max_upload_bytes: int
     readiness: Readiness
+    wake_engine: Callable[[], None]
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -312,6 +314,7 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
             api=api_of(request),
         )
         if rec.status == "in_progress":
+            services(request).wake_engine()
             await services(request).readiness.note_queued(rec.id)
         return json_response(rec.to_wire())
 
