@@ -103,7 +103,8 @@ def test_retries_through_500s_and_429_storm(client: OpenAI, upstream: Upstream) 
     batch = wait(client, batch_id, timeout=90)
     assert batch.status == "completed"
     out, err = _results(client, batch)
-    assert len(out) == 300 and not err
+    assert not err, err[:3]
+    assert len(out) == 300
     _exactly_once(out, err, 300)
     status = upstream.stats()["status"]
     assert int(status["500"]) > 20 and int(status["429"]) > 20

@@ -40,5 +40,9 @@ def test_answer_over_the_cap_is_a_clear_error_line(
     assert [r["custom_id"] for r in out] == ["small"]
     (err,) = read_jsonl(client.files.content(b.error_file_id).text)
     assert err["custom_id"] == "big"
-    message = err["response"]["body"]["error"]["message"]
-    assert "larger than 4096 bytes" in message and "max_response_bytes" in message
+    error = err["response"]["body"]["error"]
+    assert "larger than 4096 bytes" in error["message"]
+    assert "max_response_bytes" in error["message"]
+    assert (err["response"]["status_code"], error["code"]) == (502, "upstream_response_too_large")
+    # final at once: the same request would get the same answer again
+    assert upstream.stats()["attempts"]["x" * 8000] == 1

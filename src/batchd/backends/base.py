@@ -8,7 +8,8 @@ Exceptions (all derive from :class:`batchd.errors.BatchdError`)::
 
     UpstreamError            a request that got no HTTP answer
     ├── UpstreamTimeout      connect or read timed out        (retried)
-    └── UpstreamUnavailable  connection refused, reset, DNS   (retried)
+    ├── UpstreamUnavailable  connection refused, reset, DNS   (retried)
+    └── UpstreamTooLarge     the answer is over max_response_bytes (final)
     BackendUnavailable       the backend cannot run at all, e.g. a model package is missing (final)
 
 An HTTP answer is never an exception: a 429 or a 500 is an :class:`UpstreamResponse`, and
@@ -85,6 +86,17 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamUnavailable(UpstreamError):
     pass
+
+
+class UpstreamTooLarge(UpstreamError):
+    """The upstream's answer is larger than ``max_response_bytes``: final, since the same
+    request would get the same answer again."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        super().__init__(
+            f"the upstream's answer is larger than {limit} bytes {what} "
+            "(deployments.max_response_bytes)"
+        )
 
 
 class BackendUnavailable(BatchdError):

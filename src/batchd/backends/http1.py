@@ -35,6 +35,7 @@ from batchd.backends.base import (
     Backend,
     UpstreamResponse,
     UpstreamTimeout,
+    UpstreamTooLarge,
     UpstreamUnavailable,
     retry_after_seconds,
 )
@@ -75,16 +76,6 @@ _req_counter = itertools.count(1)
 
 class _NoAnswer(Exception):
     """The connection failed before any byte of the answer arrived."""
-
-
-class UpstreamTooLarge(UpstreamUnavailable):
-    """The upstream's answer is larger than ``max_response_bytes``."""
-
-    def __init__(self, limit: int, what: str) -> None:
-        super().__init__(
-            f"the upstream's answer is larger than {limit} bytes {what} "
-            "(deployments.max_response_bytes)"
-        )
 
 
 class _Conn(asyncio.Protocol):

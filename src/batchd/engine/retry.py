@@ -1,11 +1,12 @@
 """Which upstream failures are retried, and how: the one place that decides.
 
 - **Failures of the line** (408, 5xx, timeouts, connection errors, and any unexpected error
-  while sending) are retried with exponential backoff and full jitter (0.1 s doubling up to
-  20 s, as tenacity's ``wait_random_exponential``), never sooner than a ``retry-after`` the
-  upstream sent, up to the deployment's ``max_attempts`` tries. After the last one the
-  upstream's last answer is final; a transport failure becomes a synthetic answer in
-  OpenAI's error shape (``upstream_timeout`` 504, ``upstream_unreachable`` 502).
+  while sending; not an answer over ``max_response_bytes``, final at once as
+  ``upstream_response_too_large``) are retried with exponential backoff and full jitter
+  (0.1 s doubling up to 20 s, as tenacity's ``wait_random_exponential``), never sooner than
+  a ``retry-after`` the upstream sent, up to the deployment's ``max_attempts`` tries. After
+  the last one the upstream's last answer is final; a transport failure becomes a synthetic
+  answer in OpenAI's error shape (``upstream_timeout`` 504, ``upstream_unreachable`` 502).
 - **Rate limiting** (429) is not a failure of the line and uses up no attempt. A
   ``retry-after`` pauses the whole deployment (:class:`Pausable`): every sender of it waits,
   as good clients do. A pause longer than ``park_after`` seconds is not waited out while
@@ -32,7 +33,12 @@ from typing import Protocol
 
 import orjson
 
-from batchd.backends.base import UpstreamError, UpstreamResponse, UpstreamTimeout
+from batchd.backends.base import (
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,8 @@ def transport_failure(exc: BaseException) -> UpstreamResponse:
     """The answer recorded for a request that never got one: OpenAI's error shape."""
     if isinstance(exc, UpstreamTimeout):
         status, code = 504, "upstream_timeout"
+    elif isinstance(exc, UpstreamTooLarge):
+        status, code = 502, "upstream_response_too_large"
     elif isinstance(exc, UpstreamError):
         status, code = 502, "upstream_unreachable"
     else:
@@ -151,7 +159,7 @@ async def send_with_retries(  # noqa: C901 - the policy, one branch per case of 
             if not isinstance(exc, UpstreamError):
                 log.warning("sending a request failed unexpectedly", exc_info=True)
             failures += 1
-            if failures >= policy.max_attempts:
+            if failures >= policy.max_attempts or isinstance(exc, UpstreamTooLarge):
                 return transport_failure(exc)
             delay, failure = backoff(failures), exc
         else:
