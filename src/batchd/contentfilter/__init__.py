@@ -2,7 +2,8 @@
 
 One module per concept::
 
-    severity    Azure's four categories and severities; the ``content_filter_results`` shapes
+    severity    Azure's four categories and severities, the classifier contract, and the
+                ``content_filter_results`` shapes
     texts       the texts of a request (the prompt) and of its answer (the choices), by endpoint
     embedded    the embedded classifier: per-category heads over MiniLM sentence embeddings
     remote      a deployment as the classifier: a ``/v1/moderations`` server or a guard model

@@ -80,10 +80,7 @@ def assessment(p: F32) -> Assessment:
     """One text's :class:`Assessment` from its ``(4, 3)`` monotone probabilities: severity =
     the number of levels with probability >= 0.5; score = P(severity >= medium)."""
     sev = (p >= 0.5).sum(axis=1)
-    return Assessment(
-        (int(sev[0]), int(sev[1]), int(sev[2]), int(sev[3])),
-        (float(p[0, 1]), float(p[1, 1]), float(p[2, 1]), float(p[3, 1])),
-    )
+    return Assessment.of([int(s) for s in sev], [float(v) for v in p[:, 1]])
 
 
 def chunks(text: str, limit: int = CHUNK_CHARS) -> list[str]:

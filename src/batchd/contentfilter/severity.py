@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 SEVERITIES = ("safe", "low", "medium", "high")
@@ -50,6 +50,13 @@ class Assessment:
     scores: tuple[float, float, float, float]
 
     @staticmethod
+    def of(severities: Sequence[int], scores: Sequence[float]) -> Assessment:
+        """From two sequences of four, in :data:`CATEGORIES` order."""
+        a, b, c, d = severities
+        w, x, y, z = scores
+        return Assessment((a, b, c, d), (w, x, y, z))
+
+    @staticmethod
     def safe() -> Assessment:
         return Assessment((SAFE, SAFE, SAFE, SAFE), (0.0, 0.0, 0.0, 0.0))
 
@@ -62,7 +69,20 @@ class Assessment:
             for i in range(4):
                 sev[i] = max(sev[i], part.severities[i])
                 score[i] = max(score[i], part.scores[i])
-        return Assessment((sev[0], sev[1], sev[2], sev[3]), (score[0], score[1], score[2], score[3]))
+        return Assessment.of(sev, score)
+
+
+class Classifier(Protocol):
+    """What assesses texts: the embedded classifier, or a deployment (:mod:`.remote`)."""
+
+    async def classify(
+        self, texts: Sequence[str], *, replying_to: str | None = None
+    ) -> list[Assessment]:
+        """One :class:`Assessment` a text, in order. ``replying_to``: the prompt the texts
+        answer (a guard model judges an answer in its conversation). Raises on failure."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
