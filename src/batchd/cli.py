@@ -63,7 +63,7 @@ def _engine(settings: Settings, store: Any, blobs: Any, owner: str) -> Any:
 def _describe(settings: Settings) -> None:
     for d in settings.effective_deployments():
         where = d.base_url if d.backend == "openai" else f"embedded model {d.local_model}"
-        log.info("deployment %s -> %s (max_concurrency %d)", d.model, where, d.max_concurrency)
+        log.info("deployment %s -> %s (max_concurrency %s)", d.model, where, d.max_concurrency)
 
 
 async def _serve(settings: Settings, host: str, port: int, config: str | None) -> None:

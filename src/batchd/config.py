@@ -12,7 +12,7 @@ import re
 import tomllib
 import urllib.request
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -61,7 +61,12 @@ class Deployment(_Strict):
     headers: dict[str, str] = Field(
         default_factory=dict, description="sent upstream on every request of this deployment"
     )
-    max_concurrency: int = Field(default=64, ge=1, le=100_000)
+    max_concurrency: Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"] = Field(
+        default=64,
+        description='requests in flight across all workers; "auto": found by the engine, '
+        "up to max_concurrency_cap",
+    )
+    max_concurrency_cap: int = Field(default=256, ge=1, le=100_000)
     max_attempts: int = Field(
         default=10,
         ge=1,
@@ -79,6 +84,17 @@ class Deployment(_Strict):
         le=1024,
         description="backend = local: CPU threads for the model's matrix products; 0 = a core each",
     )
+
+    @property
+    def adaptive(self) -> bool:
+        """``max_concurrency = "auto"``: the engine finds the limit (engine/adaptive.py)."""
+        return self.max_concurrency == "auto"
+
+    @property
+    def concurrency_limit(self) -> int:
+        """The most requests ever in flight: ``max_concurrency``, or the cap with ``auto``."""
+        m = self.max_concurrency
+        return self.max_concurrency_cap if m == "auto" else m
 
     @model_validator(mode="after")
     def _backend_needs(self) -> Deployment:

@@ -18,6 +18,7 @@ BENCHES = [
     "engine_cpu",
     "scaling",
     "local_model",
+    "serve_memory",
     "scale_out",
     "litellm_compare",
 ]

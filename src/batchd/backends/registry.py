@@ -23,14 +23,14 @@ def build_backend(deployment: Deployment) -> Backend:
         # One sequence per request in flight, up to what the model's batch step is sized for.
         return LocalBackend(
             deployment.local_model or deployment.model,
-            max_batch=min(32, deployment.max_concurrency),
+            max_batch=min(32, deployment.concurrency_limit),
             blas_threads=deployment.threads or os.cpu_count() or 1,
         )
     assert deployment.base_url is not None  # checked by the config
     return HTTP1Backend(
         deployment.base_url,
         api_key=deployment.api_key,
-        max_concurrency=deployment.max_concurrency,
+        max_concurrency=deployment.concurrency_limit,
         api_style=deployment.api_style,
         headers=deployment.headers,
     )

@@ -44,6 +44,13 @@ class FairSlots:
         # project -> batch -> requests waiting, oldest first
         self._waiting: dict[str, dict[str, Waiters]] = {}
 
+    def wants(self) -> dict[str, int]:
+        """Places each project could use now: in use plus waiting."""
+        wants = dict(self._project_used)
+        for project, batches in self._waiting.items():
+            wants[project] = wants.get(project, 0) + sum(len(q) for q in batches.values())
+        return wants
+
     def used_by(self, project: str) -> int:
         """Places ``project`` holds now."""
         return self._project_used[project]

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from aiolimiter import AsyncLimiter
 
 from batchd.config import Deployment
+from batchd.engine.adaptive import AdaptiveLimit
 from batchd.engine.fair_slots import FairSlots
 
 
@@ -31,15 +32,18 @@ class DeploymentLimiter:
         weight: Callable[[str], float] = lambda _: 1.0,
     ) -> None:
         self.model = deployment.model
-        self.max_concurrency = deployment.max_concurrency
+        self.max_concurrency = deployment.concurrency_limit
         self._rpm_max = deployment.rpm
         self._tpm_max = deployment.tpm
         self._slots = FairSlots(0, weight)
+        self._leased = 0  # this process's share of the cluster's limit
+        # max_concurrency = "auto": the engine finds the limit, within the leased share
+        self.adaptive = AdaptiveLimit(cap=self.max_concurrency) if deployment.adaptive else None
         self._rpm: AsyncLimiter | None = None
         self._tpm: AsyncLimiter | None = None
         self._tpm_local = 0
         self.paused_until = 0.0  # unix seconds: a ``retry-after`` holds every sender till then
-        self.resize(deployment.max_concurrency if capacity is None else capacity)
+        self.resize(deployment.concurrency_limit if capacity is None else capacity)
 
     @property
     def capacity(self) -> int:
@@ -50,14 +54,21 @@ class DeploymentLimiter:
         return self._slots.in_flight
 
     @property
+    def limit(self) -> int:
+        """The most requests in flight the deployment takes now: ``max_concurrency``, or
+        the adaptive limit (``auto``)."""
+        return self.adaptive.current if self.adaptive is not None else self.max_concurrency
+
+    @property
     def want(self) -> int:
         """Slots this process could use now: in flight plus waiting, up to the limit."""
-        return min(self.max_concurrency, self._slots.in_flight + self._slots.waiting)
+        return min(self.limit, self._slots.in_flight + self._slots.waiting)
 
     def resize(self, capacity: int) -> None:
         """Set how many requests may be in flight from this process (its leased share).
         Requests already in flight above a smaller capacity finish; no new one starts."""
-        capacity = max(0, min(capacity, self.max_concurrency))
+        self._leased = capacity = max(0, min(capacity, self.max_concurrency))
+        capacity = min(capacity, self.limit)
         if capacity != self.capacity:
             self._slots.capacity = capacity
             share = capacity / self.max_concurrency
@@ -99,6 +110,16 @@ class DeploymentLimiter:
 
     def release(self, project: str = "", batch: str = "") -> None:
         self._slots.give_back(project, batch)
+
+    def project_wants(self) -> dict[str, int]:
+        """Slots each project could use now from this process, up to the limit."""
+        limit = self.limit
+        return {p: min(w, limit) for p, w in self._slots.wants().items()}
+
+    def on_answer(self, seconds: float, status: int, in_flight: int) -> None:
+        """Feed the adaptive limit (``auto`` only) with one answer; the capacity follows."""
+        if self.adaptive is not None and self.adaptive.on_answer(seconds, status, in_flight):
+            self.resize(self._leased)
 
     def used_by(self, project: str) -> int:
         """Requests of ``project`` in flight from this process."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,12 +95,38 @@ class Route:
         """One attempt, holding one of the deployment's slots for its length (taken per
         request, fairly between the projects and batches that wait for one)."""
         limiter = self.limiter
+        if limiter.adaptive is not None:
+            return await self._send_measured(endpoint, body, tokens, project, batch, time_limit)
         if not limiter.try_acquire(project, batch):
             await limiter.acquire(tokens, project, batch)
         try:
             return await self.backend.send(endpoint, body, time_limit=time_limit)
         finally:
             limiter.release(project, batch)
+
+    async def _send_measured(
+        self,
+        endpoint: str,
+        body: bytes,
+        tokens: int,
+        project: str,
+        batch: str,
+        time_limit: float,
+    ) -> UpstreamResponse:
+        """:meth:`send` for an adaptive limit: each answer's latency and status feed it."""
+        limiter = self.limiter
+        if not limiter.try_acquire(project, batch):
+            await limiter.acquire(tokens, project, batch)
+        in_flight = limiter.in_flight
+        started = time.monotonic()
+        status = 0
+        try:
+            resp = await self.backend.send(endpoint, body, time_limit=time_limit)
+            status = resp.status_code
+            return resp
+        finally:
+            limiter.release(project, batch)
+            limiter.on_answer(time.monotonic() - started, status, in_flight)
 
 
 def parse_span(data: bytes, count: int) -> list[Request]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from batchd.engine.limits import DeploymentLimiter
 from batchd.store.slots import SlotDemand
@@ -31,8 +32,10 @@ class SlotLeaser:
         owner: str,
         limiters: list[DeploymentLimiter],
         lease_seconds: float,
+        weight: Callable[[str], float] = lambda _: 1.0,
     ) -> None:
         self._store = store
+        self._weight = weight
         self._owner = owner
         self._limiters = {lim.model: lim for lim in limiters}
         self._lease = lease_seconds
@@ -41,11 +44,13 @@ class SlotLeaser:
 
     async def renew(self) -> None:
         demands = {
-            m: SlotDemand(lim.max_concurrency, lim.want, lim.in_flight)
+            m: SlotDemand(lim.max_concurrency, lim.want, lim.in_flight, lim.project_wants())
             for m, lim in self._limiters.items()
         }
         now = time.time()
-        grants = await self._store.lease_slots(self._owner, demands, now, now + self._lease)
+        grants = await self._store.lease_slots(
+            self._owner, demands, now, now + self._lease, self._weight
+        )
         self.renewals += 1
         self._short = False
         for model, g in grants.items():

@@ -76,7 +76,11 @@ class Engine:
         self._finalize_failures = FailureTracker("finalising batch")
         self._shard_failures = FailureTracker("running shard")
         self.slots = SlotLeaser(
-            store, owner, [r.limiter for r in self._routes.values()], self._cfg.lease_seconds
+            store,
+            owner,
+            [r.limiter for r in self._routes.values()],
+            self._cfg.lease_seconds,
+            settings.project_weight,
         )
         self.content_filter = build_content_filter(settings.content_filter, backends)
         self._runs: dict[tuple[str, int], ShardRun] = {}
@@ -135,14 +139,19 @@ class Engine:
         while True:
             free = self._cfg.max_shards - len(self._runs)
             claims = []
-            if free > 0:
+            # Full: still one more shard at a time of a batch nobody runs, so that a new batch
+            # starts within seconds however long the running ones take (at most twice
+            # max_shards; the slots themselves are shared fairly, see fair_slots.py).
+            idle_only = free <= 0 and len(self._runs) < 2 * self._cfg.max_shards
+            if free > 0 or idle_only:
                 try:
                     claims = await self._store.claim_shards(
                         self.owner,
-                        free,
+                        max(free, 1),
                         time.time(),
                         self._cfg.lease_seconds,
                         paused_models=self._paused_models(),
+                        idle_batches_only=idle_only,
                     )
                 except Exception:
                     log.exception("claiming shards failed")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchd.localmodel.chat_template import content_text, render_chat
-from batchd.localmodel.sampling import SamplingParams
+from batchd.localmodel.sampling import OPENAI_DEFAULTS, SamplingDefaults, SamplingParams
 
 MAX_N = 16
 MAX_STOP = 4
@@ -111,13 +111,15 @@ def _no_stream(body: Mapping[str, Any]) -> None:
         raise BadRequest("stream is not supported in a batch", param="stream")
 
 
-def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
+def _sampling(body: Mapping[str, Any], defaults: SamplingDefaults) -> dict[str, Any]:
+    """The sampling fields of a body; ``temperature`` and ``top_p`` that it leaves unset (or
+    null) come from the model's ``defaults``."""
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BadRequest("seed must be an integer", param="seed")
     return {
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
+        "temperature": _number(body, "temperature", defaults.temperature, 0.0, 2.0),
+        "top_p": _number(body, "top_p", defaults.top_p, 0.0, 1.0),
         "seed": seed,
         "logit_bias": _logit_bias(body),
         "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
@@ -159,7 +161,9 @@ def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
     return (top or 0) if wanted else None
 
 
-def parse_chat(body: Mapping[str, Any]) -> GenerationRequest:
+def parse_chat(
+    body: Mapping[str, Any], defaults: SamplingDefaults = OPENAI_DEFAULTS
+) -> GenerationRequest:
     _no_stream(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -175,7 +179,7 @@ def parse_chat(body: Mapping[str, Any]) -> GenerationRequest:
         logprobs=_chat_logprobs(body),
         n=_integer(body, "n", 1, MAX_N) or 1,
         stop=_stop(body),
-        **_sampling(body),
+        **_sampling(body, defaults),
     )
 
 
@@ -194,7 +198,9 @@ def _completion_prompts(prompt: Any) -> list[Prompt]:
     )
 
 
-def parse_completions(body: Mapping[str, Any]) -> GenerationRequest:
+def parse_completions(
+    body: Mapping[str, Any], defaults: SamplingDefaults = OPENAI_DEFAULTS
+) -> GenerationRequest:
     _no_stream(body)
     if body.get("suffix"):
         raise BadRequest("suffix is not supported by this model", param="suffix")
@@ -208,7 +214,7 @@ def parse_completions(body: Mapping[str, Any]) -> GenerationRequest:
         n=_integer(body, "n", 1, MAX_N) or 1,
         stop=_stop(body),
         echo=bool(body.get("echo")),
-        **_sampling(body),
+        **_sampling(body, defaults),
     )
 
 
@@ -233,7 +239,9 @@ def _response_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def parse_responses(body: Mapping[str, Any]) -> GenerationRequest:
+def parse_responses(
+    body: Mapping[str, Any], defaults: SamplingDefaults = OPENAI_DEFAULTS
+) -> GenerationRequest:
     _no_stream(body)
     if body.get("tools"):
         raise BadRequest("tools are not supported by this model", param="tools")
@@ -247,7 +255,7 @@ def parse_responses(body: Mapping[str, Any]) -> GenerationRequest:
         max_tokens=_integer(body, "max_output_tokens", 1),
         instructions=instructions if isinstance(instructions, str) else None,
         metadata=metadata,
-        **_sampling(body),
+        **_sampling(body, defaults),
     )
 
 

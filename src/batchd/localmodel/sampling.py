@@ -24,6 +24,20 @@ TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
 
 
 @dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """The sampling a model is meant to run with: what a request that leaves ``temperature``
+    or ``top_p`` unset gets, each on its own (vLLM applies a model's ``generation_config``
+    the same way: request values win, the model's fill only what is unset)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+# OpenAI's documented defaults (temperature 1, top_p 1): for a model that states none.
+OPENAI_DEFAULTS = SamplingDefaults()
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0

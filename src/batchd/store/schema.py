@@ -128,6 +128,7 @@ deployment_slots = Table(
     Column("want", Integer, nullable=False),
     Column("slots", Integer, nullable=False),
     Column("until", Float, nullable=False),
+    Column("projects", LargeBinary, nullable=True),  # JSON: want by project
 )
 
 # Batch events (the outbox of webhooks): written in the transaction that ends a batch, delivered

@@ -1,7 +1,11 @@
 """Cluster-wide deployment limits: shares of a deployment's in-flight slots, leased by engines.
 
 Every engine process holds one row per deployment in ``deployment_slots``: how many slots it
-wants (requests in flight or waiting, up to the limit) and how many it may use. It renews the
+wants (requests in flight or waiting, up to the limit), for which projects, and how many it
+may use. Shares are fair between projects first (weighted max-min over the projects' wants
+summed over all processes: ``[projects.NAME] weight``), then, within a project, between the
+processes that run its work; so a project's share does not depend on how many processes run
+it. It renews the
 row with its heartbeat, in one transaction for all deployments; a row whose lease lapsed (a
 crashed process) frees its slots for the others. The sum of the rows never exceeds the
 limit: a process takes only slots nobody holds, and gives back only slots it does not use,
@@ -12,12 +16,16 @@ write lock. Cost: one transaction per process per heartbeat, none per request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
+import msgspec
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd.store.schema import deployment_slots
+
+_projects = msgspec.json.Decoder(dict[str, int])
 
 # Any fixed 64-bit number: the advisory lock that serialises slot renewals.
 _SLOTS_LOCK = 0x62617463686401
@@ -31,6 +39,12 @@ class SlotDemand:
     limit: int
     want: int
     in_flight: int
+    projects: Mapping[str, int] = field(default_factory=dict)  # want by project
+
+    def by_project(self) -> dict[str, int]:
+        """The want split by project (one unnamed project when none is given)."""
+        wants = {p: min(w, self.limit) for p, w in self.projects.items() if w > 0}
+        return wants or ({"": min(self.want, self.limit)} if self.want > 0 else {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,29 +63,55 @@ class SlotGrant:
         return self.slots == self.target
 
 
-def fair_shares(limit: int, wants: dict[str, int]) -> dict[str, int]:
-    """Max-min fair division of ``limit`` slots (water-filling); ties by owner name."""
-    shares: dict[str, int] = {}
+def fair_shares(
+    limit: int, wants: dict[str, int], weight: Callable[[str], float] = lambda _: 1.0
+) -> dict[str, int]:
+    """Weighted max-min fair division of ``limit`` slots: a key gets at most its want, and
+    the rest is shared in proportion to the weights (water-filling); the slots left by rounding
+    go one by one to the key at the lowest weighted level. Sums to ``min(limit, sum(wants))``."""
+    shares = dict.fromkeys(wants, 0)
+    active = {k for k, w in wants.items() if w > 0}
     left = limit
-    order = sorted(wants, key=lambda o: (wants[o], o))
-    for k, owner in enumerate(order):
-        shares[owner] = min(wants[owner], left // (len(order) - k))
-        left -= shares[owner]
-    for owner in sorted(wants):
-        if left <= 0:
+    while active and left > 0:
+        total = sum(weight(k) for k in active)
+        level = {k: left * weight(k) / total for k in active}
+        full = {k for k in active if wants[k] - shares[k] <= level[k]}
+        if not full:
+            for k in active:
+                shares[k] += int(level[k])
+            for _ in range(limit - sum(shares.values())):  # fewer than len(active)
+                k = min(active, key=lambda k: (shares[k] / weight(k), k))
+                shares[k] += 1
             break
-        if shares[owner] < wants[owner]:
-            shares[owner] += 1
-            left -= 1
+        for k in full:
+            left -= wants[k] - shares[k]
+            shares[k] = wants[k]
+        active -= full
     return shares
 
 
-def grant(me: str, demand: SlotDemand, others: dict[str, tuple[int, int]]) -> SlotGrant:
-    """``others``: owner -> (want, slots) of the other live leases of the deployment."""
-    wants = {o: w for o, (w, _) in others.items()}
-    wants[me] = min(demand.want, demand.limit)
-    target = fair_shares(demand.limit, wants)[me]
-    free = max(0, demand.limit - sum(s for _, s in others.values()))
+def grant(
+    me: str,
+    demand: SlotDemand,
+    others: dict[str, tuple[int, int, dict[str, int]]],
+    weight: Callable[[str], float] = lambda _: 1.0,
+) -> SlotGrant:
+    """``others``: owner -> (want, slots, want by project) of the other live leases of the
+    deployment. The fair share is computed between projects, then within each project
+    between the processes that want slots for it."""
+    by_owner = {o: projects for o, (_, _, projects) in others.items()}
+    by_owner[me] = demand.by_project()
+    project_wants: dict[str, int] = {}
+    for projects in by_owner.values():
+        for p, w in projects.items():
+            project_wants[p] = min(demand.limit, project_wants.get(p, 0) + w)
+    target = 0
+    for p, share in fair_shares(demand.limit, project_wants, weight).items():
+        mine = by_owner[me].get(p, 0)
+        if mine:
+            wants = {o: projects.get(p, 0) for o, projects in by_owner.items()}
+            target += fair_shares(share, wants)[me]
+    free = max(0, demand.limit - sum(s for _, s, _ in others.values()))
     # Keep the slots in use (they are ours already, and drain down to the fair share), take
     # free ones up to the fair share.
     return SlotGrant(min(free, max(target, demand.in_flight)), target)
@@ -83,6 +123,7 @@ async def lease(
     demands: dict[str, SlotDemand],
     now: float,
     until: float,
+    weight: Callable[[str], float] = lambda _: 1.0,
 ) -> dict[str, SlotGrant]:
     if conn.dialect.name == "postgresql":
         await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SLOTS_LOCK})
@@ -90,14 +131,17 @@ async def lease(
     await conn.execute(delete(t).where(t.c.until < now))
     await conn.execute(delete(t).where(t.c.owner == owner))
     rows = await conn.execute(
-        select(t.c.deployment, t.c.owner, t.c.want, t.c.slots).where(
+        select(t.c.deployment, t.c.owner, t.c.want, t.c.slots, t.c.projects).where(
             t.c.deployment.in_(list(demands))
         )
     )
-    others: dict[str, dict[str, tuple[int, int]]] = {d: {} for d in demands}
+    others: dict[str, dict[str, tuple[int, int, dict[str, int]]]] = {d: {} for d in demands}
     for r in rows:
-        others[r.deployment][r.owner] = (r.want, r.slots)
-    grants = {d: grant(owner, demands[d], others[d]) for d in demands}
+        projects = _projects.decode(r.projects) if r.projects else {}
+        if not projects and r.want > 0:
+            projects = {"": r.want}
+        others[r.deployment][r.owner] = (r.want, r.slots, projects)
+    grants = {d: grant(owner, demands[d], others[d], weight) for d in demands}
     if grants:
         await conn.execute(
             insert(t),
@@ -108,6 +152,7 @@ async def lease(
                     "want": min(demands[d].want, demands[d].limit),
                     "slots": g.slots,
                     "until": until,
+                    "projects": msgspec.json.encode(demands[d].by_project()),
                 }
                 for d, g in grants.items()
             ],

@@ -10,7 +10,7 @@ each other. Driver errors become :class:`batchd.errors.StoreError` here and nowh
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -525,6 +525,7 @@ class Store:
         lease_seconds: float,
         *,
         paused_models: Sequence[str] = (),
+        idle_batches_only: bool = False,
     ) -> list[ShardClaim]:
         """Lease up to ``n`` runnable shards: pending, unleased or with a lapsed lease, of a
         batch that is in progress and not past its deadline.
@@ -533,7 +534,12 @@ class Store:
         FOR UPDATE SKIP LOCKED LIMIT n) RETURNING``, the batch's columns read by correlated
         subqueries in ``RETURNING`` (SQLite allows no joined table there). Each claim bumps
         the shard's token, which fences the writes of whoever held it before. A parked shard
-        (``not_before`` in the future) and shards of ``paused_models`` are left alone."""
+        (``not_before`` in the future) and shards of ``paused_models`` are left alone.
+
+        Fair between batches: each batch's first shard (counting the shards it holds now)
+        comes before any batch's second, so a new small batch is claimed next, however many
+        shards a big one has waiting. ``idle_batches_only``: only shards of batches that no
+        engine runs now (the engine's extra claim beyond ``max_shards``)."""
         runnable = and_(
             shards.c.status == SHARD_PENDING,
             or_(shards.c.lease_until.is_(None), shards.c.lease_until < now),
@@ -546,10 +552,35 @@ class Store:
                 )
             ),
         )
+        other = shards.alias("other")
+        leased = and_(
+            other.c.batch_id == shards.c.batch_id,
+            other.c.status == SHARD_PENDING,
+            other.c.lease_until.is_not(None),
+            other.c.lease_until >= now,
+        )
+        if idle_batches_only:
+            runnable = and_(runnable, ~exists().where(leased).correlate(shards))
+        # Fair order: every batch's k-th shard before any batch's (k+1)-th, counting the
+        # shards it holds already; oldest batch first among equals.
+        rank = (
+            select(func.count())
+            .select_from(other)
+            .where(
+                other.c.batch_id == shards.c.batch_id,
+                other.c.status == SHARD_PENDING,
+                or_(
+                    and_(other.c.lease_until.is_not(None), other.c.lease_until >= now),
+                    other.c.idx < shards.c.idx,
+                ),
+            )
+            .correlate(shards)
+            .scalar_subquery()
+        )
         pick = (
             select(shards.c.batch_id, shards.c.idx)
             .where(runnable)
-            .order_by(shards.c.batch_id, shards.c.idx)
+            .order_by(rank, shards.c.batch_id, shards.c.idx)
             .limit(n)
             .with_for_update(of=shards, **self._skip_locked())
         )
@@ -901,11 +932,17 @@ class Store:
 
     # -- cluster-wide deployment limits (see store/slots.py) --------------------------------
     async def lease_slots(
-        self, owner: str, demands: dict[str, SlotDemand], now: float, until: float
+        self,
+        owner: str,
+        demands: dict[str, SlotDemand],
+        now: float,
+        until: float,
+        weight: Callable[[str], float] = lambda _: 1.0,
     ) -> dict[str, SlotGrant]:
-        """Renew this process's shares of the deployments' slots; one transaction."""
+        """Renew this process's shares of the deployments' slots; one transaction.
+        ``weight(project)``: the projects' relative shares."""
         async with self._write() as conn:
-            return await slots.lease(conn, owner, demands, now, until)
+            return await slots.lease(conn, owner, demands, now, until, weight)
 
     async def live_engines(self, now: float) -> int:
         """Engine processes alive now: each renews its slot leases every second or so

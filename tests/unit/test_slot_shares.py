@@ -1,0 +1,45 @@
+"""Weighted max-min fair shares (store/slots.py): the division every slot lease uses."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchd.store.slots import SlotDemand, fair_shares, grant
+
+
+def test_fair_shares_examples() -> None:
+    assert fair_shares(10, {"a": 10, "b": 10}) == {"a": 5, "b": 5}
+    assert fair_shares(10, {"a": 2, "b": 10}) == {"a": 2, "b": 8}
+    assert fair_shares(10, {"a": 10, "b": 10}, lambda k: 4.0 if k == "a" else 1.0) == {
+        "a": 8,
+        "b": 2,
+    }
+    assert fair_shares(3, {"a": 5, "b": 5, "c": 5}) == {"a": 1, "b": 1, "c": 1}
+    assert fair_shares(10, {"a": 0, "b": 3}) == {"a": 0, "b": 3}
+
+
+@given(
+    limit=st.integers(0, 200),
+    wants=st.dictionaries(st.sampled_from("abcdef"), st.integers(0, 300), max_size=6),
+    weights=st.dictionaries(st.sampled_from("abcdef"), st.floats(0.1, 10), max_size=6),
+)
+def test_fair_shares_properties(
+    limit: int, wants: dict[str, int], weights: dict[str, float]
+) -> None:
+    shares = fair_shares(limit, wants, lambda k: weights.get(k, 1.0))
+    assert sum(shares.values()) == min(limit, sum(wants.values()))  # work-conserving
+    assert all(0 <= shares[k] <= wants[k] for k in wants)
+    # max-min: moving a slot from any key to one below its want never raises the lowest
+    # weighted level (the one given would not end above the one taken from)
+    for k, share in shares.items():
+        if share < wants[k]:
+            for j, other in shares.items():
+                wk, wj = weights.get(k, 1.0), weights.get(j, 1.0)
+                assert share / wk >= (other - 1) / wj - 1e-9
+
+
+def test_grant_splits_a_project_share_between_its_processes() -> None:
+    others = {"b": (12, 0, {"big": 12}), "c": (12, 0, {"small": 12})}
+    mine = grant("a", SlotDemand(12, 12, 0, {"big": 12}), others)
+    assert mine.target == 3  # big's 6 split between a and b; small keeps its 6
