@@ -91,6 +91,9 @@ def chunks(text: str, limit: int = CHUNK_CHARS) -> list[str]:
     for sentence in _SENTENCE_END.split(text):
         sentence = sentence.strip()
         while len(sentence) > limit:
+            if current:
+                out.append(current)
+                current = ""
             cut = sentence.rfind(" ", 0, limit)
             cut = cut if cut > 0 else limit
             out.append(sentence[:cut])
