@@ -419,3 +419,23 @@ async def test_classifier_calls_are_retried(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(ClassifierFailed):
         await retrying_send(backend, 5)("/v1/moderations", b"{}")
     assert backend.calls == 3
+
+
+async def test_embedded_classifier_remembers_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk judged once (a system prompt every line repeats) is not embedded again; the
+    memory is bounded."""
+    classifier = EmbeddedClassifier()
+    judged: list[list[str]] = []
+
+    async def judge(texts: list[str], time_limit: float) -> list[Assessment]:
+        judged.append(texts)
+        return [VIOLENT if "attack" in t else Assessment.safe() for t in texts]
+
+    monkeypatch.setattr(classifier, "_judge", judge)
+    monkeypatch.setattr("batchd.contentfilter.embedded.CACHE_CHUNKS", 3)
+    long_rule = "Answer politely. " * 20  # more than one chunk
+    first = await classifier.classify([long_rule + "\nWe attack.", long_rule + "\nHello."])
+    assert [a.severities for a in first] == [(0, 0, 0, 3), (0, 0, 0, 0)]
+    assert await classifier.classify([long_rule + "\nWe attack."]) == first[:1]
+    assert len(judged) == 1 and len(judged[0]) == len(set(judged[0]))  # each chunk once
+    assert len(classifier._cache) == 3

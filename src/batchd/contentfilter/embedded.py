@@ -12,13 +12,17 @@ A text is cut into chunks of whole sentences of at most :data:`CHUNK_CHARS` char
 heads were trained on short texts; a harmful sentence is not diluted by a long, harmless
 text around it) and takes the worst severity of its chunks. The chunks of every concurrent
 call are embedded together on the MiniLM worker thread
-(:class:`batchd.localmodel.minilm.EmbeddingWorker`), in length-sorted batches.
+(:class:`batchd.localmodel.minilm.EmbeddingWorker`), in length-sorted batches. The last
+:data:`CACHE_CHUNKS` chunks judged are remembered: a system prompt that every line of a batch
+repeats is embedded once. MiniLM costs ~21 MFLOP a token, ~7 ms of one core for a
+30-token text in a batch of 32 (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ HEADS_FILE = Path(__file__).with_name("heads.npz")
 EMBEDDING_DIM = 384
 LEVELS = 3  # P(>= low), P(>= medium), P(>= high)
 CHUNK_CHARS = 300
+CACHE_CHUNKS = 4096
 DEFAULT_TIME_LIMIT = 300.0
 
 F32 = npt.NDArray[np.float32]
@@ -121,6 +126,7 @@ class EmbeddedClassifier:
         self.heads = heads if heads is not None else Heads.load()
         self.blas_threads = blas_threads
         self._worker: EmbeddingWorker | None = None
+        self._cache: OrderedDict[str, Assessment] = OrderedDict()
 
     @staticmethod
     def require_weights() -> Path:
@@ -148,23 +154,30 @@ class EmbeddedClassifier:
         """One :class:`Assessment` a text (``replying_to``, the prompt an answer replies to,
         is not used: each text is judged on its own)."""
         pieces = [chunks(t) for t in texts]
-        flat: list[EmbeddingInput] = [c for p in pieces for c in p]
-        if not flat:
-            return [Assessment.safe() for _ in texts]
+        cache = self._cache
+        wanted = dict.fromkeys(c for p in pieces for c in p)
+        known = {c: cache[c] for c in wanted if c in cache}
+        todo = [c for c in wanted if c not in known]
+        if todo:
+            known.update(zip(todo, await self._judge(todo, time_limit), strict=True))
+        for chunk, found in known.items():
+            cache[chunk] = found
+            cache.move_to_end(chunk)
+        while len(cache) > CACHE_CHUNKS:
+            cache.popitem(last=False)
+        return [Assessment.worst(known[c] for c in p) for p in pieces]
+
+    async def _judge(self, texts: list[str], time_limit: float) -> list[Assessment]:
         worker = self._embedder()
+        inputs: list[EmbeddingInput] = list(texts)
 
         def submit(deliver: Callable[[Any], None]) -> EmbeddingJob:
-            job = EmbeddingJob(inputs=flat, on_done=deliver)
+            job = EmbeddingJob(inputs=inputs, on_done=deliver)
             worker.submit(job)
             return job
 
         vectors, _ = await run_job(submit, time_limit)
-        found = self.heads.assess(vectors)
-        out, start = [], 0
-        for p in pieces:
-            out.append(Assessment.worst(found[start : start + len(p)]))
-            start += len(p)
-        return out
+        return self.heads.assess(vectors)
 
     async def close(self) -> None:
         worker, self._worker = self._worker, None
