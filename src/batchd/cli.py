@@ -19,6 +19,7 @@ from typing import Any
 from batchd import client
 from batchd.config import Settings, load_settings
 from batchd.errors import ConfigError
+from batchd.telemetry import logs, multiproc
 
 log = logging.getLogger("batchd")
 
@@ -34,12 +35,7 @@ def _config_path(args: argparse.Namespace) -> str | None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(_config_path(args))
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # Alembic logs each plugin it loads and each revision it applies at INFO: warnings only.
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.root.level))
+    logs.setup(settings)  # text or JSON lines, secrets scrubbed (telemetry/logs.py)
     return settings
 
 
@@ -67,6 +63,7 @@ def _describe(settings: Settings) -> None:
 
 
 async def _serve(settings: Settings, host: str, port: int, config: str | None) -> None:
+    multiproc.use_directory(settings.data_dir / "metrics" / f"serve-{port}")  # before imports
     import uvicorn
 
     from batchd.api.app import create_app
@@ -97,7 +94,8 @@ async def _serve(settings: Settings, host: str, port: int, config: str | None) -
         http="httptools",
         ws="none",  # no WebSocket routes: don't load the websockets package (~0.5 MiB)
         log_level=settings.log_level.lower(),
-        access_log=False,
+        access_log=settings.access_log,
+        log_config=None,  # uvicorn's lines go through our handler (format, scrubbing)
         timeout_graceful_shutdown=10,
     )
     try:
@@ -107,7 +105,9 @@ async def _serve(settings: Settings, host: str, port: int, config: str | None) -
         await store.close()
 
 
-async def _worker(settings: Settings, parent: int | None = None) -> None:
+async def _worker(
+    settings: Settings, parent: int | None = None, metrics_port: int | None = None
+) -> None:
     owner = _owner("worker" if parent is None else "engine")
     store, blobs = await _open(settings)
     if parent is None:
@@ -118,7 +118,12 @@ async def _worker(settings: Settings, parent: int | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     watch = loop.create_task(_orphaned(parent)) if parent is not None else None
     try:
-        async with _engine(settings, store, blobs, owner).running():
+        engine = _engine(settings, store, blobs, owner)
+        if metrics_port:
+            from batchd.telemetry import exposition
+
+            exposition.serve(metrics_port, engine.metrics.registry, settings)
+        async with engine.running():
             await stop.wait()
     finally:
         if watch is not None:
@@ -220,7 +225,7 @@ class EngineProcess:
             out.write(line)
             out.flush()
             text = line.decode("utf-8", "replace").strip()
-            if " ERROR " in text or " CRITICAL " in text or "Error:" in text:
+            if logs.is_error_line(text) or "Error:" in text:
                 self.last_error = text[-500:]
 
     async def _keep_running(self) -> None:
@@ -230,6 +235,7 @@ class EngineProcess:
             proc = await self._start()
             await self._relay(proc)
             code = await proc.wait()
+            multiproc.mark_dead(proc.pid)
             self.last_exit = code
             if time.monotonic() - started > ENGINE_HEALTHY_SECONDS:
                 delay = ENGINE_RESTART_SECONDS
@@ -289,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_worker = sub.add_parser("worker", help="run the engine only (add as many as needed)")
     p_worker.add_argument("--config", help="TOML configuration file")
     p_worker.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # serve's own engine
+    p_worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p_migrate = sub.add_parser("migrate", help="bring the database schema up to date")
     p_migrate.add_argument("--config", help="TOML configuration file")
     client.add_parsers(sub)
@@ -305,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 die_with_parent()
                 # The engine is batch work: the API's polls get the CPU first when both want it.
                 os.nice(ENGINE_NICENESS)
-            _run(_worker(settings, args.parent))
+            _run(_worker(settings, args.parent, args.metrics_port))
         else:
             _run(_migrate(settings))
     except ConfigError as exc:

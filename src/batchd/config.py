@@ -232,6 +232,8 @@ class Settings(BaseSettings):
     content_filter: ContentFilterSettings = Field(default_factory=ContentFilterSettings)
     migrate_on_start: bool = True
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = False
 
     @classmethod
     def settings_customise_sources(

@@ -246,7 +246,7 @@ class ShardClaim:
     endpoint: str
     input_blob_key: str
     expires_at: int
-    project: str = ""
+    project: str = ""  # the batch's, for log lines
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 
-from batchd.api import errors
+from batchd.api import docs, errors
 from batchd.api.auth import Authenticator
 from batchd.api.readiness import Readiness
 from batchd.api.routes import Services, build_router, json_response
@@ -24,8 +26,14 @@ from batchd.blobs.base import Blobs
 from batchd.config import Settings
 from batchd.service.activation import Activator
 from batchd.service.batches import BatchService
+from batchd.service.dashboard import DashboardService
 from batchd.service.files import FileService
+from batchd.service.retry import RetryService
 from batchd.store.sql import Store
+from batchd.telemetry import exposition
+from batchd.telemetry.metrics import Metrics
+from batchd.ui.app import Dashboard
+from batchd.ui.session import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +52,10 @@ def create_app(
     """``engine_process``: the state of ``batchd serve``'s embedded engine process, shown
     by ``/readyz``."""
     activator = Activator(settings, store)
+    metrics = Metrics()
     readiness = Readiness(store, engine_process)
     services = Services(
-        files=FileService(settings, store, blobs),
+        files=FileService(settings, store, blobs, metrics),
         batches=BatchService(settings, store, activator),
         auth=Authenticator(settings.auth),
         max_upload_bytes=settings.limits.max_file_bytes,
@@ -71,14 +80,42 @@ def create_app(
     app = FastAPI(
         title="batchd",
         summary="The OpenAI and Azure OpenAI Batch API, self-hosted",
+        description=docs.DESCRIPTION,
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.services = services
     errors.install(app)
     router = build_router()
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix, include_in_schema=prefix == "/v1")
+    docs.install(app, {route.path for route in router.routes if hasattr(route, "path")})
+    dashboard = DashboardService(
+        settings,
+        store,
+        blobs,
+        files=services.files,
+        batches=services.batches,
+        retries=RetryService(services.files, services.batches, blobs),
+        read_metrics=lambda: exposition.process_metrics(metrics.registry),
+    )
+    app.mount("/ui", Dashboard(dashboard, services.files, Sessions(services.auth)).app())
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/ui", include_in_schema=False)
+    async def to_dashboard() -> Response:
+        return RedirectResponse("/ui/", status_code=307)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format: this host's processes and the store's state."""
+        state = await store.queue_state(time.time())
+        body = await anyio.to_thread.run_sync(
+            exposition.render, metrics.registry, settings, state
+        )
+        return Response(body, media_type=exposition.CONTENT_TYPE)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -51,6 +52,9 @@ from batchd.localmodel.scheduler import (
     load_llm,
 )
 from batchd.localmodel.worker import WorkerClosed, limit_blas_threads, run_job
+from batchd.telemetry.memory import resident_bytes
+
+log = logging.getLogger(__name__)
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -153,7 +157,17 @@ class LocalBackend(Backend):
         """Runs on the model's thread, on its first job."""
         try:
             limit_blas_threads(self.blas_threads)
-            return load()
+            started, before = time.perf_counter(), resident_bytes()
+            model = load()
+            after = resident_bytes()
+            log.info(
+                "model %s loaded in %.1f s: resident memory %+.0f MiB, now %.0f MiB",
+                self.local_model,
+                time.perf_counter() - started,
+                (after - before) / 2**20,
+                after / 2**20,
+            )
+            return model
         except Exception as exc:
             raise BackendUnavailable(
                 f"the local model {self.local_model!r} failed to load: {exc}"

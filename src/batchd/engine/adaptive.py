@@ -34,19 +34,21 @@ class AdaptiveLimit:
     tolerance: float = 1.25  # latency inflation tolerated before the limit shrinks
     smoothing: float = 0.2  # how far a window's result moves the limit
     backoff: float = 0.8  # the limit after a window with a 429/503, relative
-    window_seconds: float = 0.5  # a window ends after this long and ...
+    window_seconds: float = 0.5  # a window lasts two no-load latencies, this long at first...
     window_samples: int = 8  # ... at least this many answers
     probe_every: int = 100  # windows between two measurements of the no-load latency
+    slow_start_exit: float = 1.1  # slow start ends once latency rises this much (Hystart)
     minimum: int = 1
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
         self.limit = float(max(self.minimum, min(self.limit, self.cap)))
         self.no_load: float | None = None  # seconds: the latency with nothing queued
+        self.last_latency = 0.0  # seconds: the mean latency of the last window
         self._sum = 0.0
         self._count = 0
         self._overloaded = False
-        self._busiest = 0
+        self._settling = False  # the window after a doubling: its answers are mostly older
         self._started = self.clock()
         self.windows = 0
         self._probing = False
@@ -69,13 +71,14 @@ class AdaptiveLimit:
             return False  # sent before the probe: its latency says nothing of no load
         if status in OVERLOAD_STATUSES:
             self._overloaded = True
-        else:
+        elif in_flight >= self.current * 0.75:
             self._sum += seconds
             self._count += 1
-        if in_flight > self._busiest:
-            self._busiest = in_flight
+        # else: sent when far fewer were in flight (before the limit last rose, or as a
+        # batch ends); its latency says nothing about the limit now
         now = self.clock()
-        if now - self._started >= self.window_seconds and (
+        span = self.window_seconds if self.no_load is None else max(0.05, 2 * self.no_load)
+        if now - self._started >= span and (
             self._count >= self.window_samples or self._overloaded
         ):
             before = self.current
@@ -99,7 +102,7 @@ class AdaptiveLimit:
             limit = limit * self.backoff
             self._slow_start = False
         elif self._count:
-            rtt = self._sum / self._count
+            rtt = self.last_latency = self._sum / self._count
             if self.no_load is None or rtt < self.no_load or probed:
                 self.no_load = rtt
             if probed:
@@ -107,10 +110,11 @@ class AdaptiveLimit:
                 return
             base = self.no_load
             gradient = max(0.5, min(1.0, self.tolerance * base / rtt))
-            if gradient >= 1.0 and self._busiest < limit / 2:
-                pass  # not using what it has: no evidence that more would help
-            elif self._slow_start and gradient >= 1.0:
+            if self._settling:
+                self._settling = False  # judge the doubled limit on the next window
+            elif self._slow_start and rtt <= base * self.slow_start_exit:
                 limit *= 2
+                self._settling = True
             else:
                 self._slow_start = False
                 target = limit * gradient + math.sqrt(limit)
@@ -119,4 +123,4 @@ class AdaptiveLimit:
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._sum, self._count, self._overloaded, self._busiest = 0.0, 0, False, 0
+        self._sum, self._count, self._overloaded = 0.0, 0, False

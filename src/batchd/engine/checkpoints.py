@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from batchd.errors import StoreError
 from batchd.models import Part, Usage
 from batchd.store.sql import ShardCheckpoint, Store
+from batchd.telemetry.logs import about
 
 if TYPE_CHECKING:
     from batchd.engine.shard import ShardRun
@@ -146,7 +147,11 @@ class Checkpointer:
         for run, t in taken:
             if run.key in lost_keys:
                 if not run.lost:
-                    log.warning("shard %s/%d: lease lost; its checkpoint was refused", *run.key)
+                    log.warning(
+                        "shard %s/%d: lease lost; its checkpoint was refused",
+                        *run.key,
+                        extra=about(run.claim),
+                    )
                 run.lost = True
                 run.request_stop("batch_cancelled")
             elif t.shard_done or final:

@@ -34,6 +34,7 @@ from batchd.models import (
     now,
 )
 from batchd.store.sql import Store
+from batchd.telemetry.logs import about
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,13 @@ _id_decoder = msgspec.json.Decoder(_Id)
 _MESSAGES = {
     "batch_cancelled": "This request was not executed because the batch was cancelled.",
     "batch_expired": "This request could not be executed before the completion window expired.",
+}
+
+
+# Why a batch ended with requests never executed (their count fills in the %d).
+_REASONS = {
+    "batch_cancelled": " (%d never executed: cancelled)",
+    "batch_expired": " (%d never executed: the completion window ended)",
 }
 
 
@@ -103,6 +111,7 @@ class Finalizer:
         elif all_done:
             status, code = COMPLETED, "batch_expired"
             await self._store.mark_finalizing(batch.id, self._owner, now())
+            log.info("batch %s finalizing: every request is done", batch.id, extra=about(batch))
         else:
             status, code = EXPIRED, "batch_expired"
         parts = await self._store.batch_parts(batch.id)
@@ -124,15 +133,17 @@ class Finalizer:
             failed=err_lines,
         )
         if not ended:
-            log.warning("batch %s: finalising lease lost; another worker finishes it", batch.id)
+            log.warning("batch %s: finalising lease lost to a worker", batch.id, extra=about(batch))
             return
         log.info(
-            "batch %s (project %s) %s: %d ok, %d failed",
+            "batch %s (project %s) %s: %d ok, %d failed%s",
             batch.id,
             batch.project,
             status,
             out_lines,
             err_lines,
+            _REASONS[code] % unexec if unexec else "",
+            extra=about(batch),
         )
         await self._blobs.delete_many(out_keys + err_keys)
         await anyio.to_thread.run_sync(

@@ -10,6 +10,7 @@ Built without a lease, a limiter has the deployment's whole ``max_concurrency``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -18,6 +19,8 @@ from aiolimiter import AsyncLimiter
 from batchd.config import Deployment
 from batchd.engine.adaptive import AdaptiveLimit
 from batchd.engine.fair_slots import FairSlots
+
+log = logging.getLogger(__name__)
 
 
 class DeploymentLimiter:
@@ -118,7 +121,15 @@ class DeploymentLimiter:
 
     def on_answer(self, seconds: float, status: int, in_flight: int) -> None:
         """Feed the adaptive limit (``auto`` only) with one answer; the capacity follows."""
-        if self.adaptive is not None and self.adaptive.on_answer(seconds, status, in_flight):
+        adaptive = self.adaptive
+        if adaptive is not None and adaptive.on_answer(seconds, status, in_flight):
+            log.debug(
+                "deployment %s: concurrency limit %d (no-load latency %.3f s, last %.3f s)",
+                self.model,
+                adaptive.current,
+                adaptive.no_load or 0.0,
+                adaptive.last_latency,
+            )
             self.resize(self._leased)
 
     def used_by(self, project: str) -> int:

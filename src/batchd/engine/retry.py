@@ -107,6 +107,10 @@ async def _sleep(seconds: float, stop: asyncio.Event) -> None:
         pass
 
 
+def _no_hook(failure: UpstreamResponse | BaseException) -> None:
+    pass
+
+
 async def send_with_retries(  # noqa: C901 - the policy, one branch per case of the docstring
     send: Callable[..., Awaitable[UpstreamResponse]],
     *args: object,
@@ -115,8 +119,10 @@ async def send_with_retries(  # noqa: C901 - the policy, one branch per case of 
     stop: asyncio.Event,
     time_limit: float,
     policy: RetryPolicy,
+    on_retry: Callable[[UpstreamResponse | BaseException], None] = _no_hook,
 ) -> UpstreamResponse | Parked | None:
     """Call ``send(*args, seconds)`` until it gives a final answer (see the module's docstring).
+    ``on_retry`` hears of each failed attempt that is tried again (for metrics).
 
     Returns the final answer, :class:`Parked` when the deployment is paused for longer than
     ``policy.park_after``, or ``None`` when the request was given up unanswered because the
@@ -138,6 +144,7 @@ async def send_with_retries(  # noqa: C901 - the policy, one branch per case of 
         if left <= 0:
             return None
         retry_after: float | None = None
+        failure: UpstreamResponse | BaseException
         try:
             resp = await send(*args, min(time_limit, left))
         except Exception as exc:
@@ -146,8 +153,9 @@ async def send_with_retries(  # noqa: C901 - the policy, one branch per case of 
             failures += 1
             if failures >= policy.max_attempts:
                 return transport_failure(exc)
-            delay = backoff(failures)
+            delay, failure = backoff(failures), exc
         else:
+            failure = resp
             status = resp.status_code
             if status == RATE_LIMITED:
                 limited += 1
@@ -156,6 +164,7 @@ async def send_with_retries(  # noqa: C901 - the policy, one branch per case of 
                     if time.time() + retry_after >= deadline:
                         return resp  # not waited for: the 429 is the line's answer
                     deployment.pause(retry_after)
+                    on_retry(resp)
                     continue
                 delay = backoff(limited)
             elif is_retryable(status):
@@ -167,4 +176,5 @@ async def send_with_retries(  # noqa: C901 - the policy, one branch per case of 
                 return resp
         if time.time() + delay >= deadline:
             return None
+        on_retry(failure)
         await _sleep(delay, stop)

@@ -38,6 +38,8 @@ from batchd.service.input_line import (
     line_decoder,
 )
 from batchd.store.sql import Store
+from batchd.telemetry.logs import about
+from batchd.telemetry.meters import DeploymentMeter
 
 if TYPE_CHECKING:
     from batchd.engine.content_filter import ContentFilter
@@ -82,6 +84,7 @@ class Route:
     limiter: DeploymentLimiter
     timeout: float
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    meter: DeploymentMeter = field(default_factory=lambda: DeploymentMeter(""))
 
     async def send(
         self,
@@ -100,7 +103,9 @@ class Route:
         if not limiter.try_acquire(project, batch):
             await limiter.acquire(tokens, project, batch)
         try:
-            return await self.backend.send(endpoint, body, time_limit=time_limit)
+            if limiter.paused_until and limiter.pause_left() > 0:
+                return _paused(limiter)
+            return await self.meter.send(self.backend, endpoint, body, time_limit)
         finally:
             limiter.release(project, batch)
 
@@ -117,16 +122,25 @@ class Route:
         limiter = self.limiter
         if not limiter.try_acquire(project, batch):
             await limiter.acquire(tokens, project, batch)
+        if limiter.paused_until and limiter.pause_left() > 0:
+            limiter.release(project, batch)
+            return _paused(limiter)
         in_flight = limiter.in_flight
         started = time.monotonic()
         status = 0
         try:
-            resp = await self.backend.send(endpoint, body, time_limit=time_limit)
+            resp = await self.meter.send(self.backend, endpoint, body, time_limit)
             status = resp.status_code
             return resp
         finally:
             limiter.release(project, batch)
             limiter.on_answer(time.monotonic() - started, status, in_flight)
+
+
+def _paused(limiter: DeploymentLimiter) -> UpstreamResponse:
+    """The answer for a request whose slot came while the deployment is paused: not sent;
+    a 429 with the pause's ``retry-after``, so the retry policy waits it out (or parks)."""
+    return UpstreamResponse(429, b"", "", limiter.pause_left())
 
 
 def parse_span(data: bytes, count: int) -> list[Request]:
@@ -264,7 +278,12 @@ class ShardRun:
                 self._record(i, is_output, line, usage_of_line(line) if is_output else None)
                 adopted += 1
         if adopted:
-            log.info("shard %s/%d: adopted %d journaled results", *self.key, adopted)
+            log.info(
+                "shard %s/%d: adopted %d journaled results",
+                *self.key,
+                adopted,
+                extra=about(self.claim),
+            )
 
     async def run(self) -> None:
         c = self.claim
@@ -319,7 +338,7 @@ class ShardRun:
                 result = await execute(req)
             except Exception as exc:
                 # A defect, not the line's doing: that line fails, the shard goes on.
-                log.exception("shard %s/%d: line %d failed", *self.key, i)
+                log.exception("shard %s/%d: line %d failed", *self.key, i, extra=about(self.claim))
                 result = (False, error_line(req.custom_id, "internal_error", repr(exc)), None)
             if result is None:
                 continue  # stopped or past the deadline: left undone for the finaliser
@@ -352,12 +371,15 @@ class ShardRun:
                 stop=self.stop,
                 time_limit=route.timeout,
                 policy=route.policy,
+                on_retry=route.meter.retry,
             )
         except BackendUnavailable as exc:
             return False, error_line(req.custom_id, "backend_unavailable", str(exc)), None
         if resp is None or isinstance(resp, Parked):
             return resp
-        return result_line(req.custom_id, resp)
+        result = result_line(req.custom_id, resp)
+        route.meter.tokens(result[2])
+        return result
 
     async def _execute_filtered(
         self, req: Request

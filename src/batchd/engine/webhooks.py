@@ -23,6 +23,7 @@ import orjson
 from batchd.config import Webhook
 from batchd.models import BatchEvent, now
 from batchd.store.sql import Store
+from batchd.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
     import aiohttp
@@ -49,9 +50,10 @@ def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
 
 
 class WebhookSender:
-    def __init__(self, hooks: list[Webhook], store: Store) -> None:
+    def __init__(self, hooks: list[Webhook], store: Store, metrics: Metrics | None = None) -> None:
         self._hooks = hooks
         self._store = store
+        self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
 
     async def _deliver(self, hook: Webhook, event: BatchEvent, body: bytes) -> bool:
@@ -71,12 +73,15 @@ class WebhookSender:
             headers["webhook-signature"] = sign(hook.secret, event.id, ts, body)
         try:
             async with self._session.post(hook.url, data=body, headers=headers) as resp:
-                if 200 <= resp.status < 300:
-                    return True
-                log.warning("webhook %s answered %d for %s", hook.url, resp.status, event.id)
+                delivered = 200 <= resp.status < 300
+                if not delivered:
+                    log.warning("webhook %s answered %d for %s", hook.url, resp.status, event.id)
         except Exception as exc:  # any failure of one delivery: retried with backoff
             log.warning("webhook %s failed for %s: %s", hook.url, event.id, exc)
-        return False
+            delivered = False
+        if self._metrics is not None:
+            self._metrics.webhook(delivered)
+        return delivered
 
     async def send_due(self) -> int:
         """Deliver the events that are due; return how many were delivered."""

@@ -33,6 +33,8 @@ from batchd.models import CANCELLING, BatchRecord, ValidationIssue, new_id, now
 from batchd.service.activation import Activator
 from batchd.service.files import FileService
 from batchd.store.sql import Store
+from batchd.telemetry.logs import about
+from batchd.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,9 @@ class Engine:
         backends: dict[str, Backend],
         *,
         owner: str,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self._settings = settings
         self._store = store
         self._blobs = blobs
@@ -65,9 +69,10 @@ class Engine:
         self._routes = {
             d.model: Route(
                 backends[d.model],
-                DeploymentLimiter(d, capacity=0, weight=settings.project_weight),
+                limiter := DeploymentLimiter(d, capacity=0, weight=settings.project_weight),
                 d.timeout,
                 RetryPolicy(max_attempts=d.max_attempts),
+                self.metrics.deployment(d.model, limiter),
             )
             for d in settings.effective_deployments()
             if d.model in backends
@@ -93,7 +98,9 @@ class Engine:
         activator = Activator(settings, store)
         self._activator = activator
         self._files = FileService(settings, store, blobs)
-        self._webhooks = WebhookSender(settings.webhooks, store) if settings.webhooks else None
+        self._webhooks = (
+            WebhookSender(settings.webhooks, store, self.metrics) if settings.webhooks else None
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -111,6 +118,7 @@ class Engine:
             self._signal_loop(),
             self._finalize_loop(),
             self._sweep_loop(),
+            self.metrics.run(),
         ]
         tasks = [asyncio.get_running_loop().create_task(c) for c in loops]
         log.info("engine %s started", self.owner)
@@ -187,7 +195,7 @@ class Engine:
         try:
             await run.run()
         except LeaseLost:
-            log.warning("shard %s/%d: lease lost to another worker", *run.key)
+            log.warning("shard %s/%d: lease lost to a worker", *run.key, extra=about(run.claim))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -200,6 +208,7 @@ class Engine:
                     "shard %s/%d parked for %.0f s: the deployment asked for a pause",
                     *run.key,
                     run.park_until - time.time(),
+                    extra=about(run.claim),
                 )
             self._runs.pop(run.key, None)
             self._wake.set()
@@ -256,7 +265,7 @@ class Engine:
             for key in lost:
                 run = self._runs.get(key)
                 if run is not None:
-                    log.warning("shard %s/%d: lease lost", *key)
+                    log.warning("shard %s/%d: lease lost", *key, extra=about(run.claim))
                     run.lost = True
                     run.request_stop("batch_cancelled")
 

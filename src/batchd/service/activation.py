@@ -13,6 +13,7 @@ from batchd.config import Settings
 from batchd.models import BatchRecord, ValidationIssue, now
 from batchd.service.validation import MAX_ISSUES, mismatched_lines
 from batchd.store.sql import Store
+from batchd.telemetry.logs import about
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Activator:
                 len(issues),
                 where,
                 first.code,
+                extra=about(batch),
             )
             return
         await self._store.activate_batch(
@@ -97,5 +99,9 @@ class Activator:
             at=at,
         )
         log.info(
-            "batch %s (project %s) in progress: %d requests", batch.id, batch.project, summary.lines
+            "batch %s (project %s) in progress: %d requests",
+            batch.id,
+            batch.project,
+            summary.lines,
+            extra=about(batch),
         )

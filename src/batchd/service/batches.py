@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from batchd.backends.base import ENDPOINTS, normalise_endpoint
@@ -10,6 +11,7 @@ from batchd.errors import Conflict, InvalidRequest, NotFound
 from batchd.models import (
     API_AZURE,
     API_OPENAI,
+    CANCELLING,
     PURPOSE_BATCH,
     TERMINAL,
     VALIDATING,
@@ -19,6 +21,9 @@ from batchd.models import (
 )
 from batchd.service.activation import Activator
 from batchd.store.sql import Store
+from batchd.telemetry.logs import about
+
+log = logging.getLogger(__name__)
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
@@ -145,6 +150,14 @@ class BatchService:
             endpoint_as_sent=endpoint.split("?", 1)[0].rstrip("/") if api == API_AZURE else None,
         )
         await self._store.insert_batch(rec)
+        log.info(
+            "batch %s (project %s) validating: created from %s for %s",
+            rec.id,
+            project,
+            input_file_id,
+            canonical,
+            extra=about(rec),
+        )
         await self._activator.activate(rec)
         return await self.get(project, rec.id)
 
@@ -168,6 +181,9 @@ class BatchService:
             raise NotFound(
                 f"No such Batch object: {batch_id}", code="batch_not_found", param="batch_id"
             )
+        if rec.status == CANCELLING:
+            log.info("batch %s (project %s) cancelling: cancel requested", batch_id, project,
+                     extra=about(rec))
         if rec.status in TERMINAL or rec.status == "finalizing":
             raise Conflict(
                 f"Cannot cancel a batch with status {rec.status!r}.",

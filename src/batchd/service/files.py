@@ -23,6 +23,7 @@ from batchd.models import (
 )
 from batchd.service.validation import Validator
 from batchd.store.sql import Store
+from batchd.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,13 @@ class Upload:
 
 
 class FileService:
-    def __init__(self, settings: Settings, store: Store, blobs: Blobs) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, blobs: Blobs, metrics: Metrics | None = None
+    ) -> None:
         self._settings = settings
         self._store = store
         self._blobs = blobs
+        self._metrics = metrics
 
     # -- upload ---------------------------------------------------------------------
     def begin_upload(self, filename: str | None) -> Upload:
@@ -182,6 +186,8 @@ class FileService:
         await self._store.insert_file(rec)
         if summary is not None:
             log.info("file %s: %s, %d lines", rec.id, rec.status, summary.lines)
+        if self._metrics is not None:
+            self._metrics.uploaded(purpose, size, summary)
         return rec
 
     # -- reads ----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from batchd.models import (
     ValidationIssue,
     new_id,
 )
-from batchd.store import slots
+from batchd.store import slots, state
 from batchd.store.codec import decode_issues, decode_metadata, decode_summary, encode
 from batchd.store.schema import batches, deployment_slots, events, files, parts, shards
 from batchd.store.slots import SlotDemand, SlotGrant
@@ -216,11 +216,20 @@ class Store:
         return _file(row) if row else None
 
     async def list_files(
-        self, project: str, *, purpose: str | None, limit: int, after: str | None, order: str
+        self,
+        project: str | None,
+        *,
+        purpose: str | None,
+        limit: int,
+        after: str | None,
+        order: str,
     ) -> list[FileRecord]:
-        """Up to ``limit + 1`` files (the extra one tells whether there are more)."""
+        """Up to ``limit + 1`` files (the extra one tells whether there are more); of every
+        project when ``project`` is None."""
         cols = [c for c in files.c if c.name != "summary"]
-        q = select(*cols).where(files.c.project == project, files.c.deleted_at.is_(None))
+        q = select(*cols).where(files.c.deleted_at.is_(None))
+        if project is not None:
+            q = q.where(files.c.project == project)
         if purpose:
             q = q.where(files.c.purpose == purpose)
         if after:
@@ -376,10 +385,15 @@ class Store:
         return _batch(row) if row else None
 
     async def list_batches(
-        self, project: str, *, limit: int, after: str | None
+        self, project: str | None, *, limit: int, after: str | None, status: str | None = None
     ) -> list[BatchRecord]:
-        """Newest first, up to ``limit + 1``."""
-        q = select(batches).where(batches.c.project == project)
+        """Newest first, up to ``limit + 1``; of every project when ``project`` is None,
+        of one status when ``status`` is given."""
+        q = select(batches)
+        if project is not None:
+            q = q.where(batches.c.project == project)
+        if status is not None:
+            q = q.where(batches.c.status == status)
         if after:
             q = q.where(batches.c.id < after)
         q = q.order_by(batches.c.id.desc()).limit(limit + 1)
@@ -943,6 +957,11 @@ class Store:
         ``weight(project)``: the projects' relative shares."""
         async with self._write() as conn:
             return await slots.lease(conn, owner, demands, now, until, weight)
+
+    async def queue_state(self, now: float) -> state.QueueState:
+        """Batches by status, shards waiting and leased, slot leases (see store/state.py)."""
+        async with self._read() as conn:
+            return await state.read(conn, now)
 
     async def live_engines(self, now: float) -> int:
         """Engine processes alive now: each renews its slot leases every second or so

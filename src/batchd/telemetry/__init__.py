@@ -1,0 +1,1 @@
+"""What batchd tells its operators: Prometheus metrics and structured logs."""

@@ -1,0 +1,1 @@
+"""The dashboard served under ``/ui`` (see ``app.py``)."""
