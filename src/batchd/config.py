@@ -196,6 +196,12 @@ class ContentFilterSettings(_Strict):
     )
     thresholds: ContentFilterThresholds = Field(default_factory=ContentFilterThresholds)
     timeout: float = Field(default=60.0, gt=0, description="seconds for one classification")
+    threads: int = Field(
+        default=1,
+        ge=0,
+        le=1024,
+        description="classifier = embedded: CPU threads for MiniLM's products; 0 = a core each",
+    )
 
 
 class Webhook(_Strict):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeGuard
@@ -263,7 +264,7 @@ def build_content_filter(
             EmbeddedClassifier.require_weights()
         except BackendUnavailable as exc:
             raise ConfigError(f"content_filter.classifier = 'embedded': {exc}") from None
-        classifier = EmbeddedClassifier()
+        classifier = EmbeddedClassifier(blas_threads=settings.threads or os.cpu_count() or 1)
     else:
         backend = backends.get(settings.classifier)
         if backend is None:
