@@ -130,12 +130,19 @@ def _json(resp: UpstreamResponse) -> Any:
         raise ClassifierFailed(f"the classifier's answer is not JSON: {exc}") from None
 
 
-class ModerationsClassifier:
-    """A deployment answering ``/v1/moderations``, asked for ``model``."""
+class _Deployment:
+    """A classifier that is a deployment: ``send`` reaches it, ``model`` names it."""
 
     def __init__(self, send: Send, model: str) -> None:
         self._send = send
         self.model = model
+
+    async def close(self) -> None:
+        """The deployment's backend is the engine's; nothing of its own to release."""
+
+
+class ModerationsClassifier(_Deployment):
+    """A deployment answering ``/v1/moderations``: all texts in one request."""
 
     async def classify(
         self, texts: Sequence[str], *, replying_to: str | None = None
@@ -149,16 +156,9 @@ class ModerationsClassifier:
             raise ClassifierFailed(f"the moderation answer has no result for each of {len(texts)}")
         return [from_moderation(r if isinstance(r, dict) else {}) for r in results]
 
-    async def close(self) -> None:
-        """The deployment's backend is the engine's; nothing of its own to release."""
 
-
-class GuardClassifier:
+class GuardClassifier(_Deployment):
     """A guard model deployment answering chat completions, one request a text."""
-
-    def __init__(self, send: Send, model: str) -> None:
-        self._send = send
-        self.model = model
 
     async def classify(
         self, texts: Sequence[str], *, replying_to: str | None = None
@@ -189,6 +189,3 @@ class GuardClassifier:
         if not isinstance(content, str):
             raise ClassifierFailed("the guard model's answer has no message content")
         return from_guard(content)
-
-    async def close(self) -> None:
-        """The deployment's backend is the engine's; nothing of its own to release."""

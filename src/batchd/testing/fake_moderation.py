@@ -13,6 +13,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from batchd.contentfilter.moderation import OPENAI_CATEGORIES
+
 FLAG_WORDS: dict[str, tuple[str, ...]] = {
     "violence": ("kill", "attack", "shoot", "stab", "bomb"),
     "hate": ("vermin", "subhuman"),
@@ -21,21 +23,7 @@ FLAG_WORDS: dict[str, tuple[str, ...]] = {
     "harassment": ("idiot", "loser"),
 }
 GUARD_CODES = {"violence": "S1", "hate": "S10", "self-harm": "S11", "sexual": "S12"}
-CATEGORIES = (
-    "harassment",
-    "harassment/threatening",
-    "hate",
-    "hate/threatening",
-    "illicit",
-    "illicit/violent",
-    "self-harm",
-    "self-harm/instructions",
-    "self-harm/intent",
-    "sexual",
-    "sexual/minors",
-    "violence",
-    "violence/graphic",
-)
+CATEGORIES = OPENAI_CATEGORIES  # the thirteen of the openai SDK's types/moderation.py
 FLAGGED_SCORE = 0.95
 LOW_SCORE = 0.0012
 
