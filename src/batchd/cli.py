@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from batchd import client
@@ -85,6 +85,7 @@ async def _serve(settings: Settings, host: str, port: int, config: str | None) -
         owner=owner,
         hooks=hooks,
         engine_process=engine.status if engine is not None else None,
+        wake_engine=engine.wake if engine is not None else None,
     )
     server_config = uvicorn.Config(
         app,
@@ -117,6 +118,7 @@ async def _worker(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     watch = loop.create_task(_orphaned(parent)) if parent is not None else None
+    watch_wake: asyncio.Task[None] | None = None
     try:
         engine = _engine(settings, store, blobs, owner)
         if metrics_port:
@@ -124,12 +126,26 @@ async def _worker(
 
             exposition.serve(metrics_port, engine.metrics.registry, settings)
         async with engine.running():
+            if parent is not None:
+                watch_wake = loop.create_task(_wakes(engine.wake))
             await stop.wait()
     finally:
         if watch is not None:
             watch.cancel()
+        if watch_wake is not None:
+            watch_wake.cancel()
         await blobs.close()
         await store.close()
+
+
+async def _wakes(wake: Callable[[], None]) -> None:
+    """serve's API process writes a byte to the engine process's standard input when a
+    batch starts, so that it is claimed at once rather than at the next poll."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.read(4096):
+        wake()
 
 
 # -- the embedded engine's own process ---------------------------------------------------------
@@ -194,6 +210,14 @@ class EngineProcess:
         self.last_error = ""
         self.next_start_at: float | None = None
 
+    def wake(self) -> None:
+        """Tell the engine process there is new work (a byte on its standard input, read
+        once it runs; none is lost while it starts): it claims at once."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None and proc.stdin is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                proc.stdin.write(b"w")
+
     def status(self) -> dict[str, Any]:
         alive = self._proc is not None and self._proc.returncode is None
         return {
@@ -212,7 +236,7 @@ class EngineProcess:
         self._proc = await asyncio.create_subprocess_exec(
             *self._cmd,
             env=self._env,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         return self._proc

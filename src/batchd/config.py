@@ -11,16 +11,26 @@ from __future__ import annotations
 import re
 import tomllib
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings.exceptions import SettingsError
 
 from batchd.errors import ConfigError
 
@@ -78,6 +88,11 @@ class Deployment(_Strict):
     tpm: int = Field(default=0, ge=0)
     enqueued_token_limit: int = Field(default=0, ge=0)
     timeout: float = Field(default=600.0, gt=0, description="seconds for one upstream request")
+    max_response_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="largest upstream answer, compressed and decompressed; larger: an error line",
+    )
     threads: int = Field(
         default=1,
         ge=0,
@@ -143,6 +158,12 @@ class Limits(_Strict):
     max_files: int = Field(default=500, ge=1)
     completion_windows: list[str] = Field(default_factory=lambda: ["24h"])
     max_line_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    body_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="a request body that sends no byte for this long is refused (408)",
+    )
 
     @model_validator(mode="after")
     def _windows(self) -> Limits:
@@ -217,6 +238,27 @@ class Webhook(_Strict):
     )
 
 
+def _octal_mode(value: Any) -> Any:
+    """A permission mode as TOML writes it (``0o700``) or as a string (``"0700"``, ``"700"``)."""
+    if isinstance(value, str):
+        if not re.fullmatch(r"(0o?)?[0-7]{3}", value.strip()):
+            raise ValueError('a mode is three octal digits, like "0700"')
+        return int(value.strip().removeprefix("0o"), 8)
+    return value
+
+
+def _dir_mode(value: int) -> int:
+    if value & 0o700 != 0o700 or value > 0o777:
+        raise ValueError(f"{oct(value)}: the owner needs rwx on the data directory (0700 to 0777)")
+    return value
+
+
+def _file_mode(value: int) -> int:
+    if value & 0o600 != 0o600 or value & 0o111 or value > 0o666:
+        raise ValueError(f"{oct(value)}: the owner needs rw- and nobody x (0600 to 0666)")
+    return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BATCHD_",
@@ -238,6 +280,12 @@ class Settings(BaseSettings):
     content_filter: ContentFilterSettings = Field(default_factory=ContentFilterSettings)
     migrate_on_start: bool = True
     log_level: str = "info"
+    data_dir_mode: Annotated[int, BeforeValidator(_octal_mode), AfterValidator(_dir_mode)] = Field(
+        default=0o700, description="permissions of data_dir and the folders batchd makes in it"
+    )
+    data_file_mode: Annotated[int, BeforeValidator(_octal_mode), AfterValidator(_file_mode)] = (
+        Field(default=0o600, description="permissions of the database and every file batchd stores")
+    )
     log_format: Literal["text", "json"] = "text"
     access_log: bool = False
 
@@ -314,15 +362,56 @@ def parse_window(window: str) -> int:
     return seconds
 
 
-def _format_error(exc: ValidationError) -> str:
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/@:]*:)[^\s/@]*@")
+_SECRET_FIELDS = ("api_key", "secret", "secret_access_key", "access_key_id")
+
+
+def mask_secret(secret: str) -> str:
+    """How a secret appears in a message: its first characters only when it is long enough
+    for those to say little (``"sk-t…"``), else nothing of it."""
+    return secret[:4] + "…" if len(secret) >= 12 else "…"
+
+
+def _secrets(data: Any) -> set[str]:
+    """Every secret in a raw configuration: API keys (the keys of ``auth.keys``), upstream
+    ``api_key``s and header values, S3 credentials, webhook secrets."""
+    found: set[str] = set()
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key == "keys" and isinstance(value, dict):
+                found.update(k for k in value if isinstance(k, str))
+            elif key == "headers" and isinstance(value, dict):
+                found.update(v for v in value.values() if isinstance(v, str))
+            elif key in _SECRET_FIELDS and isinstance(value, str):
+                found.add(value)
+            else:
+                found |= _secrets(value)
+    elif isinstance(data, list):
+        for item in data:
+            found |= _secrets(item)
+    return found
+
+
+def redact(message: str, secrets: Collection[str] = ()) -> str:
+    """``message`` with every known secret masked and URL passwords replaced by ``***``."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:
+            message = message.replace(secret, mask_secret(secret))
+    return _URL_PASSWORD.sub(r"\g<head>***@", message)
+
+
+def _format_error(exc: ValidationError, secrets: Collection[str]) -> str:
     parts = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        loc = [str(p) for p in err["loc"]]
+        if loc[:2] == ["auth", "keys"] and len(loc) > 2:
+            loc[2] = mask_secret(loc[2])  # the key of a table entry is an API key
+        key = ".".join(loc) or "(settings)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         parts.append(f"{key}: {msg}")
-    return "invalid configuration: " + "; ".join(parts)
+    return redact("invalid configuration: " + "; ".join(parts), secrets)
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -340,4 +429,6 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
+        raise ConfigError(_format_error(exc, _secrets(data))) from None
+    except SettingsError as exc:  # a BATCHD_* variable that is not valid JSON, for one
+        raise ConfigError(redact(f"invalid configuration: {exc}", _secrets(data))) from None

@@ -21,6 +21,7 @@ BENCHES = [
     "serve_memory",
     "scale_out",
     "litellm_compare",
+    "form_stall",
 ]
 
 

@@ -46,3 +46,17 @@ def test_small_batches_do_not_wait_behind_a_big_one(
     assert stats["max_in_flight"] <= 16  # the limit held while the slots were shared
     a.batches.cancel(big)
     assert wait_batch(a, big, timeout=20).status == "cancelled"
+
+
+def test_a_new_batch_is_claimed_at_once_not_at_the_next_poll(
+    make_server: Callable[..., Server], upstream: Upstream, sdk: Callable[..., OpenAI]
+) -> None:
+    """serve's API wakes its engine when a batch starts: with a 10 s idle poll, a batch
+    still completes in about a second."""
+    server = make_server(base_config(upstream, engine={"poll_seconds": 10.0}))
+    c = sdk(server, key=API_KEY)
+    time.sleep(1.5)  # the engine is up and idle, in its 10 s wait
+    started = time.time()
+    batch = wait_batch(c, submit(c, chat_lines(5)), timeout=30)
+    assert batch.status == "completed"
+    assert time.time() - started < 5

@@ -16,12 +16,15 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI
+from fastapi.routing import APIRouter
 from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
 
-from batchd.api import docs, errors
+from batchd.api import docs, errors, openapi
 from batchd.api.auth import Authenticator
+from batchd.api.bodyguard import BodyGuard
 from batchd.api.readiness import Readiness
-from batchd.api.routes import Services, build_router, json_response
+from batchd.api.routes import GET, Services, build_router, json_response
 from batchd.blobs.base import Blobs
 from batchd.config import Settings
 from batchd.service.activation import Activator
@@ -48,9 +51,10 @@ def create_app(
     owner: str,
     hooks: Sequence[contextlib.AbstractAsyncContextManager[Any]] = (),
     engine_process: Callable[[], dict[str, Any]] | None = None,
+    wake_engine: Callable[[], None] | None = None,
 ) -> FastAPI:
     """``engine_process``: the state of ``batchd serve``'s embedded engine process, shown
-    by ``/readyz``."""
+    by ``/readyz``; ``wake_engine``: tells it a batch started (it claims at once)."""
     activator = Activator(settings, store)
     metrics = Metrics()
     readiness = Readiness(store, engine_process)
@@ -60,6 +64,7 @@ def create_app(
         auth=Authenticator(settings.auth),
         max_upload_bytes=settings.limits.max_file_bytes,
         readiness=readiness,
+        wake_engine=wake_engine or (lambda: None),
     )
     ready = asyncio.Event()
 
@@ -88,6 +93,8 @@ def create_app(
     )
     app.state.services = services
     errors.install(app)
+    openapi.install(app)
+    app.add_middleware(BodyGuard, timeout=settings.limits.body_timeout_seconds)
     router = build_router()
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix, include_in_schema=prefix == "/v1")
@@ -103,12 +110,12 @@ def create_app(
     )
     app.mount("/ui", Dashboard(dashboard, services.files, Sessions(services.auth)).app())
 
-    @app.get("/", include_in_schema=False)
-    @app.get("/ui", include_in_schema=False)
+    @app.api_route("/", methods=GET, include_in_schema=False)
+    @app.api_route("/ui", methods=GET, include_in_schema=False)
     async def to_dashboard() -> Response:
         return RedirectResponse("/ui/", status_code=307)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.api_route("/metrics", methods=GET, include_in_schema=False)
     async def prometheus_metrics() -> Response:
         """Prometheus text format: this host's processes and the store's state."""
         state = await store.queue_state(time.time())
@@ -117,15 +124,26 @@ def create_app(
         )
         return Response(body, media_type=exposition.CONTENT_TYPE)
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.api_route("/healthz", methods=GET, include_in_schema=False)
     async def healthz() -> Response:
         if not ready.is_set():
             return json_response({"status": "starting"}, 503)
         return json_response({"status": "ok"})
 
-    @app.get("/readyz", include_in_schema=False)
+    @app.api_route("/readyz", methods=GET, include_in_schema=False)
     async def readyz() -> Response:
         ok, body = await readiness.check()
         return json_response(body, 200 if ok else 503)
 
+    app.state.methods = _method_table(app, router)
     return app
+
+
+def _method_table(app: FastAPI, router: APIRouter) -> errors.MethodTable:
+    """Every route's methods: the trees' (``router`` under each prefix) and the app's own."""
+    table = errors.MethodTable()
+    routes = [(prefix, r) for prefix in PREFIXES for r in router.routes]
+    for prefix, route in [*routes, *(("", r) for r in app.router.routes)]:
+        if isinstance(route, Route) and route.methods:
+            table.add(prefix + route.path, route.methods)
+    return table

@@ -19,19 +19,40 @@ class Authenticator:
         return self._keys is not None
 
     def project(self, authorization: str | None, api_key: str | None) -> str:
+        """The project of the request's key. Both headers may be sent (clients and proxies
+        add one or the other): a request is accepted when a key it carries is known, and
+        when both are known they must name the same project. A scheme other than
+        ``Bearer`` in ``Authorization`` is not a key."""
         if self._keys is None:
             return LOCAL_PROJECT
-        key = api_key
+        candidates = []
         if authorization:
-            scheme, _, value = authorization.partition(" ")
+            scheme, _, value = authorization.strip().partition(" ")
             if scheme.lower() == "bearer" and value.strip():
-                key = value.strip()
-        if not key:
+                candidates.append(value.strip())
+        if api_key and api_key.strip():
+            candidates.append(api_key.strip())
+        if not candidates:
             raise AuthenticationFailed(
                 "Missing API key: send it as 'Authorization: Bearer KEY' or 'api-key: KEY'.",
                 code="missing_api_key",
             )
-        for known, project in self._keys.items():
-            if hmac.compare_digest(known.encode(), key.encode()):
-                return project
+        projects = {p for p in map(self._lookup, candidates) if p is not None}
+        if len(projects) == 1:
+            return projects.pop()
+        if projects:
+            raise AuthenticationFailed(
+                "The two API keys sent belong to different projects: send one.",
+                code="invalid_api_key",
+            )
         raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
+
+    def _lookup(self, key: str) -> str | None:
+        """The key's project; compares with every known key in constant time each."""
+        assert self._keys is not None
+        found = None
+        raw = key.encode("utf-8", "surrogateescape")
+        for known, project in self._keys.items():
+            if hmac.compare_digest(known.encode(), raw):
+                found = project
+        return found

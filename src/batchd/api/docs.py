@@ -103,7 +103,7 @@ def install(app: FastAPI, tree_paths: Iterable[str]) -> None:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    @app.get("/docs", include_in_schema=False)
+    @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
     async def swagger(request: Request) -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url="/openapi.json",
@@ -113,7 +113,7 @@ def install(app: FastAPI, tree_paths: Iterable[str]) -> None:
             swagger_favicon_url=f"{STATIC}/favicon.png",
         )
 
-    @app.get("/redoc", include_in_schema=False)
+    @app.api_route("/redoc", methods=["GET", "HEAD"], include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         return get_redoc_html(
             openapi_url="/openapi.json",

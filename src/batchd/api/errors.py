@@ -1,23 +1,33 @@
 """The OpenAI error envelope, for every error the HTTP API returns.
 
 ``{"error": {"message", "type", "param", "code"}}``. Final client errors carry
-``x-should-retry: false`` so that the SDK does not retry them (it retries 408, 409, 429, 5xx).
+``x-should-retry: false`` so that the SDK does not retry them (it retries 408, 409, 429, 5xx);
+a 408 (the body stopped arriving) and a 429 may be retried. A message is at most
+:data:`MAX_MESSAGE` characters and a param :data:`MAX_PARAM`, whatever a client sent. A 405
+names in ``Allow`` every method the path has (RFC 9110 §15.5.6), not only one route's.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.routing import compile_path
 
 from batchd.errors import ApiError
 
 log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1000
+MAX_PARAM = 128
+RETRYABLE = frozenset({408, 429})
 
 _TYPES = {
     400: "invalid_request_error",
@@ -25,6 +35,7 @@ _TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
     416: "invalid_request_error",
@@ -41,16 +52,18 @@ def error_response(
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "…"
     body = {
         "error": {
             "message": message,
             "type": type_ or _TYPES.get(status, "server_error"),
-            "param": param,
+            "param": param[:MAX_PARAM] if param else param,
             "code": code,
         }
     }
     h = dict(headers or {})
-    if 400 <= status < 500 and status != 429:
+    if 400 <= status < 500 and status not in RETRYABLE:
         h["x-should-retry"] = "false"
     return Response(
         orjson.dumps(body), status_code=status, media_type="application/json", headers=h
@@ -75,13 +88,46 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     )
 
 
-async def _http_error(_: Request, exc: Exception) -> Response:
+class MethodTable:
+    """Which methods each route path accepts, to name them all in a 405's ``Allow``."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[re.Pattern[str], frozenset[str]]] = []
+
+    def add(self, path: str, methods: Iterable[str]) -> None:
+        regex, _, _ = compile_path(path)
+        self._routes.append((regex, frozenset(methods)))
+
+    def allowed(self, path: str) -> list[str]:
+        found: set[str] = set()
+        for regex, methods in self._routes:
+            if regex.match(path):
+                found |= methods
+        return sorted(found)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     message = str(exc.detail) if exc.detail else "Error"
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
         message = "Not found: no such route."
-    return error_response(exc.status_code, message, code=code, headers=exc.headers)
+    elif exc.status_code == 405:
+        table: MethodTable = request.app.state.methods
+        allow = table.allowed(request.url.path)
+        headers["Allow"] = ", ".join(allow)
+        message = f"Method {request.method[:16]} not allowed here; allowed: {', '.join(allow)}."
+    return error_response(exc.status_code, message, code=code, headers=headers)
+
+
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    """The client went away before its body ended: nothing to answer (the upload was
+    aborted by its handler); not an error of the server."""
+    log.info("client disconnected during %s %s", request.method, request.url.path)
+    return error_response(
+        400, "The client disconnected before the request body ended.", code="incomplete_body"
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -95,4 +141,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(Exception, _unexpected)

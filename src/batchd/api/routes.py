@@ -1,14 +1,18 @@
 """The Files and Batches routes, mounted under ``/v1``, ``/openai`` and ``/openai/v1``.
 
 A handler parses, calls the service once, serialises. ``api-version`` is accepted on every
-route and otherwise ignored.
+route and otherwise ignored. Every ``GET`` route answers ``HEAD`` too (RFC 9110 §9.3.2:
+the same headers, no body). Every parameter is bounded and typed before use: query
+parameters by their declared constraints (a violation is a 400 naming it), bodies by
+``api/jsonbody.py`` and ``api/upload.py``, ``Range`` by ``api/ranges.py``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import orjson
@@ -16,16 +20,29 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.responses import Response, StreamingResponse
 
 from batchd.api.auth import Authenticator
+from batchd.api.errors import error_response
+from batchd.api.jsonbody import content_length, read_json
+from batchd.api.openapi import (
+    BatchList,
+    BatchObject,
+    FileDeleted,
+    FileList,
+    FileObject,
+    responses,
+)
+from batchd.api.ranges import parse_range
 from batchd.api.readiness import Readiness
-from batchd.api.upload import read_form
-from batchd.errors import InvalidRequest, TooLarge
+from batchd.api.upload import FORM_OVERHEAD, read_form
+from batchd.errors import InvalidRequest, RangeNotSatisfiable, TooLarge
 from batchd.models import API_AZURE, API_OPENAI
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_ID_BATCH = re.compile(r"^batch_[0-9a-f-]{36}$")
-_ID_FILE = re.compile(r"^file-[0-9a-f-]{36}$")
+# ``after`` cursors: an id of the listed kind (or empty: from the start)
+_AFTER_BATCH = r"^(batch_[0-9a-f-]{36})?$"
+_AFTER_FILE = r"^(file-[0-9a-f-]{36})?$"
+_SECONDS = re.compile(r"[0-9]{1,10}", re.ASCII)
+GET = ["GET", "HEAD"]
 
 
 @dataclass
@@ -35,6 +52,7 @@ class Services:
     auth: Authenticator
     max_upload_bytes: int
     readiness: Readiness
+    wake_engine: Callable[[], None]
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -59,8 +77,8 @@ def services(request: Request) -> Services:
 
 def project(
     request: Request,
-    authorization: str | None = Header(default=None),
-    api_key: str | None = Header(default=None, alias="api-key"),
+    authorization: str | None = Header(default=None, include_in_schema=False),
+    api_key: str | None = Header(default=None, alias="api-key", include_in_schema=False),
 ) -> str:
     return services(request).auth.project(authorization, api_key)
 
@@ -73,26 +91,6 @@ def _list_page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
         "last_id": data[-1]["id"] if data else None,
         "has_more": has_more,
     }
-
-
-def _cursor(after: str | None, pattern: re.Pattern[str]) -> str | None:
-    if after is None or after == "":
-        return None
-    if not pattern.match(after):
-        raise InvalidRequest(
-            f"Invalid 'after' cursor {after!r}.", code="invalid_value", param="after"
-        )
-    return after
-
-
-def _limit(limit: int | None, default: int, most: int) -> int:
-    if limit is None:
-        return default
-    if not 1 <= limit <= most:
-        raise InvalidRequest(
-            f"limit must be between 1 and {most}.", code="invalid_value", param="limit"
-        )
-    return limit
 
 
 class CreateBatch(msgspec.Struct, forbid_unknown_fields=False):
@@ -117,7 +115,11 @@ _UPLOAD_DOC: dict[str, Any] = {
                         "file": {"type": "string", "format": "binary"},
                         "purpose": {"type": "string", "example": "batch"},
                         "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
-                        "expires_after[seconds]": {"type": "integer"},
+                        "expires_after[seconds]": {
+                            "type": "integer",
+                            "minimum": 3600,
+                            "maximum": 2592000,
+                        },
                     },
                 }
             }
@@ -136,37 +138,69 @@ _CREATE_DOC: dict[str, Any] = {
                         "input_file_id": {"type": "string"},
                         "endpoint": {"type": "string", "example": "/v1/chat/completions"},
                         "completion_window": {"type": "string", "example": "24h"},
-                        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "metadata": {
+                            "type": "object",
+                            "maxProperties": 16,
+                            "additionalProperties": {"type": "string", "maxLength": 512},
+                        },
+                        "output_expires_after": {
+                            "type": "object",
+                            "properties": {
+                                "anchor": {"type": "string", "enum": ["created_at"]},
+                                "seconds": {
+                                    "type": "integer",
+                                    "minimum": 3600,
+                                    "maximum": 2592000,
+                                },
+                            },
+                        },
                     },
                 }
             }
         },
     }
 }
+_CONTENT_DOC = {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "application/jsonl": {"schema": {"type": "string"}},
+}
 
 
-def _expires_after(fields: dict[str, str]) -> int | None:
+def expires_after(fields: dict[str, str]) -> int | None:
+    """``expires_after[anchor]`` and ``expires_after[seconds]`` of an upload form (Azure's
+    ``expires_after.anchor``/``.seconds`` too): the seconds, ASCII digits only."""
     anchor = fields.get("expires_after[anchor]", fields.get("expires_after.anchor"))
     seconds = fields.get("expires_after[seconds]", fields.get("expires_after.seconds"))
     if anchor is None and seconds is None:
         return None
-    if anchor != "created_at" or seconds is None or not seconds.strip().isdigit():
+    if anchor != "created_at":
         raise InvalidRequest(
-            "expires_after needs anchor 'created_at' and a whole number of seconds.",
+            "expires_after[anchor] must be 'created_at'.",
             code="invalid_value",
-            param="expires_after",
+            param="expires_after[anchor]",
         )
-    return int(seconds)
+    if seconds is None or not _SECONDS.fullmatch(seconds.strip()):
+        raise InvalidRequest(
+            "expires_after[seconds] must be a whole number of seconds (3600 to 2592000).",
+            code="invalid_value",
+            param="expires_after[seconds]",
+        )
+    return int(seconds.strip())
 
 
 def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
     router = APIRouter()
 
-    @router.post("/files", openapi_extra=_UPLOAD_DOC, summary="Upload a file")
+    @router.post(
+        "/files",
+        openapi_extra=_UPLOAD_DOC,
+        summary="Upload a file",
+        responses=responses(FileObject, 400, 408, 413),
+    )
     async def upload_file(request: Request, proj: str = Depends(project)) -> Response:
         svc = services(request)
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > svc.max_upload_bytes + 1024 * 1024:
+        length = content_length(request)
+        if length is not None and length > svc.max_upload_bytes + FORM_OVERHEAD:
             raise TooLarge(
                 f"File is larger than the limit of {svc.max_upload_bytes} bytes.",
                 code="file_too_large",
@@ -185,7 +219,7 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
                     "purpose is required.", code="missing_required_parameter", param="purpose"
                 )
             rec = await svc.files.finish_upload(
-                proj, upload, purpose=purpose, expires_after=_expires_after(form.fields)
+                proj, upload, purpose=purpose, expires_after=expires_after(form.fields)
             )
         except BaseException:
             if upload is not None:
@@ -193,38 +227,47 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
             raise
         return json_response(rec.to_wire())
 
-    @router.get("/files", summary="List files")
+    @router.api_route(
+        "/files", methods=GET, summary="List files", responses=responses(FileList, 400)
+    )
     async def list_files(
         request: Request,
         proj: str = Depends(project),
-        purpose: str | None = None,
-        limit: int | None = Query(default=None),
-        order: str = "desc",
-        after: str | None = None,
+        purpose: str | None = Query(default=None, max_length=64),
+        limit: int = Query(default=10000, ge=1, le=10000),
+        order: Literal["asc", "desc"] = "desc",
+        after: str | None = Query(default=None, pattern=_AFTER_FILE),
     ) -> Response:
-        if order not in ("asc", "desc"):
-            raise InvalidRequest(
-                "order must be 'asc' or 'desc'.", code="invalid_value", param="order"
-            )
         rows, more = await services(request).files.list(
-            proj,
-            purpose=purpose,
-            limit=_limit(limit, 10000, 10000),
-            after=_cursor(after, _ID_FILE),
-            order=order,
+            proj, purpose=purpose, limit=limit, after=after or None, order=order
         )
         return json_response(_list_page([r.to_wire() for r in rows], more))
 
-    @router.get("/files/{file_id}", summary="Retrieve a file")
+    @router.api_route(
+        "/files/{file_id}",
+        methods=GET,
+        summary="Retrieve a file",
+        responses=responses(FileObject, 404),
+    )
     async def get_file(request: Request, file_id: str, proj: str = Depends(project)) -> Response:
         return json_response((await services(request).files.get(proj, file_id)).to_wire())
 
-    @router.delete("/files/{file_id}", summary="Delete a file")
+    @router.delete(
+        "/files/{file_id}", summary="Delete a file", responses=responses(FileDeleted, 404)
+    )
     async def delete_file(request: Request, file_id: str, proj: str = Depends(project)) -> Response:
         await services(request).files.delete(proj, file_id)
         return json_response({"id": file_id, "object": "file", "deleted": True})
 
-    @router.get("/files/{file_id}/content", summary="Download a file's content")
+    @router.api_route(
+        "/files/{file_id}/content",
+        methods=GET,
+        summary="Download a file's content (Range: one bytes range, RFC 9110)",
+        responses={
+            **responses(None, 404, 416, ok_content=_CONTENT_DOC),
+            206: {"description": "The range asked for", "content": _CONTENT_DOC},
+        },
+    )
     async def file_content(
         request: Request,
         file_id: str,
@@ -233,53 +276,34 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
     ) -> Response:
         files = services(request).files
         rec = await files.get(proj, file_id)
-        start, end, status = 0, rec.bytes, 200
         headers = {"accept-ranges": "bytes"}
-        if range_:
-            m = _RANGE.match(range_.strip())
-            if m and (m.group(1) or m.group(2)):
-                if m.group(1):
-                    start = int(m.group(1))
-                    end = min(rec.bytes, int(m.group(2)) + 1) if m.group(2) else rec.bytes
-                else:
-                    start = max(0, rec.bytes - int(m.group(2)))
-                if start >= rec.bytes or start >= end:
-                    return json_response(
-                        {
-                            "error": {
-                                "message": "Range not satisfiable",
-                                "type": "invalid_request_error",
-                                "param": "range",
-                                "code": "range_not_satisfiable",
-                            }
-                        },
-                        416,
-                        {"content-range": f"bytes */{rec.bytes}", "x-should-retry": "false"},
-                    )
-                status = 206
-                headers["content-range"] = f"bytes {start}-{end - 1}/{rec.bytes}"
-        _, body = await files.content(proj, file_id, start, end)
+        try:
+            wanted = parse_range(range_, rec.bytes)
+        except RangeNotSatisfiable as exc:
+            headers["content-range"] = f"bytes */{rec.bytes}"
+            return error_response(416, exc.message, code=exc.code, param=exc.param, headers=headers)
+        start, end, status = 0, rec.bytes, 200
+        if wanted is not None:
+            start, end, status = wanted.start, wanted.end, 206
+            headers["content-range"] = wanted.content_range(rec.bytes)
         headers["content-length"] = str(end - start)
         media = (
             "application/jsonl" if rec.filename.endswith(".jsonl") else "application/octet-stream"
         )
+        if request.method == "HEAD":
+            await files.stat_content(proj, file_id)  # 404 when the bytes are gone
+            return Response(status_code=status, headers=headers, media_type=media)
+        _, body = await files.content(proj, file_id, start, end)
         return StreamingResponse(body, status_code=status, headers=headers, media_type=media)
 
-    @router.post("/batches", openapi_extra=_CREATE_DOC, summary="Create a batch")
+    @router.post(
+        "/batches",
+        openapi_extra=_CREATE_DOC,
+        summary="Create a batch",
+        responses=responses(BatchObject, 400, 404, 408, 413),
+    )
     async def create_batch(request: Request, proj: str = Depends(project)) -> Response:
-        ctype = request.headers.get("content-type", "")
-        if "json" not in ctype.lower():
-            raise InvalidRequest(
-                "POST /batches takes a JSON body (Content-Type: application/json).",
-                code="invalid_content_type",
-            )
-        raw = await request.body()
-        try:
-            body = _create_batch.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise InvalidRequest(
-                f"The body is not a JSON object: {exc}", code="invalid_json"
-            ) from None
+        body = await read_json(request, _create_batch)
         rec = await services(request).batches.create(
             proj,
             input_file_id=body.input_file_id,
@@ -290,26 +314,39 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
             api=api_of(request),
         )
         if rec.status == "in_progress":
+            services(request).wake_engine()
             await services(request).readiness.note_queued(rec.id)
         return json_response(rec.to_wire())
 
-    @router.get("/batches", summary="List batches, newest first")
+    @router.api_route(
+        "/batches",
+        methods=GET,
+        summary="List batches, newest first",
+        responses=responses(BatchList, 400),
+    )
     async def list_batches(
         request: Request,
         proj: str = Depends(project),
-        limit: int | None = Query(default=None),
-        after: str | None = None,
+        limit: int = Query(default=20, ge=1, le=100),
+        after: str | None = Query(default=None, pattern=_AFTER_BATCH),
     ) -> Response:
-        rows, more = await services(request).batches.list(
-            proj, limit=_limit(limit, 20, 100), after=_cursor(after, _ID_BATCH)
-        )
+        rows, more = await services(request).batches.list(proj, limit=limit, after=after or None)
         return json_response(_list_page([r.to_wire() for r in rows], more))
 
-    @router.get("/batches/{batch_id}", summary="Retrieve a batch")
+    @router.api_route(
+        "/batches/{batch_id}",
+        methods=GET,
+        summary="Retrieve a batch",
+        responses=responses(BatchObject, 404),
+    )
     async def get_batch(request: Request, batch_id: str, proj: str = Depends(project)) -> Response:
         return json_response((await services(request).batches.get(proj, batch_id)).to_wire())
 
-    @router.post("/batches/{batch_id}/cancel", summary="Cancel a batch")
+    @router.post(
+        "/batches/{batch_id}/cancel",
+        summary="Cancel a batch",
+        responses=responses(BatchObject, 404, 409),
+    )
     async def cancel_batch(
         request: Request, batch_id: str, proj: str = Depends(project)
     ) -> Response:

@@ -12,6 +12,10 @@ Timeouts: connecting may take at most :data:`CONNECT_TIMEOUT`; the whole request
 reset or broken connection raises :class:`UpstreamUnavailable`. A request on a reused
 connection that fails before any byte of the answer arrived (the server closed the idle
 connection) is sent once more on a fresh connection; never after part of an answer arrived.
+
+Size: an answer's body may be at most ``max_response_bytes`` as received and again once gzip
+is undone (a small compressed body can inflate a thousandfold); past either, the connection
+is closed and :class:`UpstreamTooLarge` raised, naming the limit.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from batchd.backends.base import (
 from batchd.fifo_slots import FifoSlots
 
 CONNECT_TIMEOUT = 10.0
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # the default of ``deployments.max_response_bytes``
 CLOSE_WAIT = 2.0  # seconds close() waits for connections to finish closing before aborting
 
 # Headers kept from an answer (names as llhttp hands them over, lower-cased here).
@@ -72,11 +77,25 @@ class _NoAnswer(Exception):
     """The connection failed before any byte of the answer arrived."""
 
 
+class UpstreamTooLarge(UpstreamUnavailable):
+    """The upstream's answer is larger than ``max_response_bytes``."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        super().__init__(
+            f"the upstream's answer is larger than {limit} bytes {what} "
+            "(deployments.max_response_bytes)"
+        )
+
+
 class _Conn(asyncio.Protocol):
     """One keep-alive connection; at most one request in flight on it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, max_bytes: int = MAX_RESPONSE_BYTES
+    ) -> None:
         self._loop = loop
+        self._max_bytes = max_bytes
+        self._body_bytes = 0
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -144,6 +163,10 @@ class _Conn(asyncio.Protocol):
         self.status = self._parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._max_bytes:
+            self._fail(UpstreamTooLarge(self._max_bytes, "as received"))
+            return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -169,6 +192,7 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.headers = {}
         self._body = []
+        self._body_bytes = 0
 
     def _fail(self, exc: Exception) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -201,10 +225,15 @@ class _Conn(asyncio.Protocol):
         self._body = []
         encoding = self.headers.get(b"content-encoding")
         if encoding is not None and encoding.strip().lower() == b"gzip":
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
             try:
-                data = zlib.decompress(data, 16 + zlib.MAX_WBITS)
+                data = inflate.decompress(data, self._max_bytes + 1)
             except zlib.error as exc:
                 raise UpstreamUnavailable(f"invalid gzip body from upstream: {exc}") from exc
+            if len(data) > self._max_bytes or inflate.unconsumed_tail:
+                raise UpstreamTooLarge(self._max_bytes, "once decompressed")
+            if not inflate.eof:
+                raise UpstreamUnavailable("invalid gzip body from upstream: truncated stream")
         return data
 
 
@@ -219,12 +248,14 @@ class HTTP1Backend(Backend):
         max_concurrency: int,
         api_style: str = "openai",
         headers: Mapping[str, str] | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         """``base_url``: ``http(s)://host[:port][/path][?query]``; the request path is the
         base path plus the endpoint (``/v1/chat/completions``, without its ``/v1`` when the
         base path ends in ``/v1`` or with ``api_style="azure"``), and the query string is
         kept (Azure's ``?api-version=``). The key is sent once: ``Authorization: Bearer``,
-        or ``api-key`` with ``api_style="azure"``. ``headers`` go on every request."""
+        or ``api-key`` with ``api_style="azure"``. ``headers`` go on every request. An answer
+        larger than ``max_response_bytes`` raises :class:`UpstreamTooLarge`."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"unsupported upstream URL {base_url!r}")
@@ -253,6 +284,7 @@ class HTTP1Backend(Backend):
         self._fixed = ("\r\n".join(fixed) + "\r\nContent-Length: ").encode("latin-1")
         self._heads: dict[str, bytes] = {}
         self._slots = FifoSlots(max_concurrency)  # at most ``max_concurrency`` at once
+        self._max_response = max_response_bytes
         self._idle: list[_Conn] = []  # LIFO: the most recently used connection is reused first
         self._conns: set[_Conn] = set()
 
@@ -269,7 +301,7 @@ class HTTP1Backend(Backend):
         try:
             async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
-                    lambda: _Conn(loop),
+                    lambda: _Conn(loop, self._max_response),
                     self._host,
                     self._port,
                     ssl=self._ssl,

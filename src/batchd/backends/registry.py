@@ -33,4 +33,5 @@ def build_backend(deployment: Deployment) -> Backend:
         max_concurrency=deployment.concurrency_limit,
         api_style=deployment.api_style,
         headers=deployment.headers,
+        max_response_bytes=deployment.max_response_bytes,
     )

@@ -2,7 +2,8 @@
 
 File I/O runs on worker threads (anyio), never on the event loop. A write goes to a
 temporary file beside its target and is renamed into place on commit, so a reader or a
-crash never sees half a blob.
+crash never sees half a blob. Folders and files are made with the modes given (private by
+default: see :mod:`batchd.filemodes`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import anyio.to_thread
 
 from batchd.blobs.base import CHUNK, Blobs, BlobWriter
 from batchd.errors import BlobError, BlobNotFound
+from batchd.filemodes import PRIVATE, FileModes, create_file, make_dirs
 
 
 class LocalBlobWriter(BlobWriter):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, modes: FileModes = PRIVATE) -> None:
         self._path = path
+        self._modes = modes
         self._tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         self._file: anyio.AsyncFile[bytes] | None = None
         self._buf: list[bytes] = []
@@ -31,10 +34,13 @@ class LocalBlobWriter(BlobWriter):
 
     async def _open(self) -> anyio.AsyncFile[bytes]:
         if self._file is None:
-            await anyio.to_thread.run_sync(
-                lambda: self._path.parent.mkdir(parents=True, exist_ok=True)
-            )
-            self._file = await anyio.open_file(self._tmp, "wb")
+
+            def create() -> int:
+                make_dirs(self._path.parent, self._modes.dir)
+                return create_file(self._tmp, self._modes.file)
+
+            fd = await anyio.to_thread.run_sync(create)
+            self._file = anyio.wrap_file(os.fdopen(fd, "wb"))
         return self._file
 
     async def _flush(self) -> None:
@@ -71,9 +77,10 @@ class LocalBlobWriter(BlobWriter):
 
 
 class LocalBlobs(Blobs):
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, modes: FileModes = PRIVATE) -> None:
+        self._modes = modes
         self._root = root.resolve()
-        self._root.mkdir(parents=True, exist_ok=True)
+        make_dirs(self._root, modes.dir)
 
     def _path(self, key: str) -> Path:
         path = (self._root / key).resolve()
@@ -82,7 +89,7 @@ class LocalBlobs(Blobs):
         return path
 
     def writer(self, key: str) -> BlobWriter:
-        return LocalBlobWriter(self._path(key))
+        return LocalBlobWriter(self._path(key), self._modes)
 
     async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         path = self._path(key)

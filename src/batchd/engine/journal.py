@@ -15,6 +15,8 @@ from pathlib import Path
 
 import anyio.to_thread
 
+from batchd.filemodes import PRIVATE, make_dirs
+
 
 def journal_dir(spool: Path, batch_id: str) -> Path:
     return spool / batch_id
@@ -62,7 +64,7 @@ class Journal:
 
     async def open(self) -> None:
         def _open() -> int:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self._path.parent, PRIVATE.dir)  # spool/ and its folders: 0700
             return os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
         self._fd = await anyio.to_thread.run_sync(_open)

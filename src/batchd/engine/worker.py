@@ -142,6 +142,10 @@ class Engine:
                 await self._webhooks.close()
             log.info("engine %s stopped", self.owner)
 
+    def wake(self) -> None:
+        """New work may be waiting (a batch started): claim now, not at the next poll."""
+        self._wake.set()
+
     # -- claiming and running shards -------------------------------------------------------
     async def _claim_loop(self) -> None:
         while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from batchd.config import Settings
+from batchd.errors import QuotaExceeded
 from batchd.models import BatchRecord, ValidationIssue, now
 from batchd.service.validation import MAX_ISSUES, mismatched_lines
 from batchd.store.sql import Store
@@ -61,20 +62,6 @@ class Activator:
                     "body.model",
                 )
             )
-        if not issues and deployment is not None and deployment.enqueued_token_limit:
-            enqueued = await self._store.enqueued_tokens(deployment.model)
-            if enqueued + summary.token_estimate > deployment.enqueued_token_limit:
-                issues.append(
-                    ValidationIssue(
-                        "token_limit_exceeded",
-                        f"Enqueued token limit reached for {deployment.model}: "
-                        f"{enqueued} tokens are enqueued and this batch needs about "
-                        f"{summary.token_estimate}; the limit is "
-                        f"{deployment.enqueued_token_limit}. Try again after some batches end.",
-                        None,
-                        None,
-                    )
-                )
         at = now()
         if issues:
             issues.sort(key=lambda i: i.line or 0)
@@ -91,13 +78,33 @@ class Activator:
                 extra=about(batch),
             )
             return
-        await self._store.activate_batch(
-            batch.id,
-            model=model,
-            spans=summary.shards,
-            token_estimate=summary.token_estimate,
-            at=at,
-        )
+        limit = deployment.enqueued_token_limit if deployment is not None else 0
+        try:
+            await self._store.activate_batch(
+                batch.id,
+                model=model,
+                spans=summary.shards,
+                token_estimate=summary.token_estimate,
+                at=at,
+                token_limit=limit,
+            )
+        except QuotaExceeded as exc:  # checked and taken atomically by the store
+            issue = ValidationIssue(
+                "token_limit_exceeded",
+                f"Enqueued token limit reached for {model}: {exc.used} tokens are enqueued "
+                f"and this batch needs about {summary.token_estimate}; the limit is {limit}. "
+                "Try again after some batches end.",
+                None,
+                None,
+            )
+            await self._store.fail_batch(batch.id, [issue], at, model=model)
+            log.info(
+                "batch %s (project %s) failed: enqueued token limit of %s",
+                batch.id,
+                batch.project,
+                model,
+            )
+            return
         log.info(
             "batch %s (project %s) in progress: %d requests",
             batch.id,

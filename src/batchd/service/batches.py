@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from batchd.backends.base import ENDPOINTS, normalise_endpoint
 from batchd.config import Settings, parse_window
-from batchd.errors import Conflict, InvalidRequest, NotFound
+from batchd.errors import Conflict, InvalidRequest, NotFound, excerpt
 from batchd.models import (
     API_AZURE,
     API_OPENAI,
@@ -44,16 +45,16 @@ def check_metadata(metadata: Any) -> dict[str, str] | None:
     for k, v in metadata.items():
         if not isinstance(v, str):
             raise InvalidRequest(
-                f"metadata values must be strings ({k!r} is not).",
+                f"metadata values must be strings ({excerpt(k)} is not).",
                 code="invalid_type",
-                param=f"metadata.{k}",
+                param=f"metadata.{k[:MAX_METADATA_KEY]}",
             )
         if len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE:
             raise InvalidRequest(
                 f"metadata keys are at most {MAX_METADATA_KEY} characters and values at most "
                 f"{MAX_METADATA_VALUE}.",
                 code="invalid_value",
-                param=f"metadata.{k[:64]}",
+                param=f"metadata.{k[:MAX_METADATA_KEY]}",
             )
     return dict(metadata)
 
@@ -104,14 +105,14 @@ class BatchService:
         canonical = normalise_endpoint(endpoint) if isinstance(endpoint, str) else None
         if canonical is None:
             raise InvalidRequest(
-                f"Invalid endpoint {endpoint!r}; expected one of {', '.join(ENDPOINTS)}.",
+                f"Invalid endpoint {excerpt(endpoint)}; expected one of {', '.join(ENDPOINTS)}.",
                 code="invalid_value",
                 param="endpoint",
             )
         windows = self._settings.limits.completion_windows
         if completion_window not in windows:
             raise InvalidRequest(
-                f"Invalid completion_window {completion_window!r}; expected one of "
+                f"Invalid completion_window {excerpt(completion_window)}; expected one of "
                 f"{', '.join(windows)}.",
                 code="invalid_value",
                 param="completion_window",
@@ -121,13 +122,14 @@ class BatchService:
         file = await self._store.get_file(input_file_id, project)
         if file is None:
             raise NotFound(
-                f"No such File object: {input_file_id}",
+                f"No such File object: {excerpt(input_file_id, quote=False)}",
                 code="file_not_found",
                 param="input_file_id",
             )
         if file.purpose != PURPOSE_BATCH:
             raise InvalidRequest(
-                f"File {input_file_id} has purpose {file.purpose!r}; a batch needs 'batch'.",
+                f"File {excerpt(input_file_id, quote=False)} has purpose {file.purpose!r}; "
+                "a batch needs 'batch'.",
                 code="invalid_value",
                 param="input_file_id",
             )
@@ -158,14 +160,22 @@ class BatchService:
             canonical,
             extra=about(rec),
         )
-        await self._activator.activate(rec)
+        try:
+            await self._activator.activate(rec)
+        except BaseException:
+            # No half-made batch: one whose activation raised is removed, not left
+            # ``validating`` (a crash before this line is what the engine's sweep is for).
+            await asyncio.shield(self._store.delete_unstarted_batch(rec.id))
+            raise
         return await self.get(project, rec.id)
 
     async def get(self, project: str, batch_id: str) -> BatchRecord:
         rec = await self._store.get_batch(batch_id, project)
         if rec is None:
             raise NotFound(
-                f"No such Batch object: {batch_id}", code="batch_not_found", param="batch_id"
+                f"No such Batch object: {excerpt(batch_id, quote=False)}",
+                code="batch_not_found",
+                param="batch_id",
             )
         return rec
 
@@ -179,7 +189,9 @@ class BatchService:
         rec = await self._store.request_cancel(batch_id, project, now())
         if rec is None:
             raise NotFound(
-                f"No such Batch object: {batch_id}", code="batch_not_found", param="batch_id"
+                f"No such Batch object: {excerpt(batch_id, quote=False)}",
+                code="batch_not_found",
+                param="batch_id",
             )
         if rec.status == CANCELLING:
             log.info("batch %s (project %s) cancelling: cancel requested", batch_id, project,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -10,7 +11,14 @@ import anyio.to_thread
 
 from batchd.blobs.base import Blobs, BlobWriter
 from batchd.config import Settings
-from batchd.errors import BlobNotFound, InvalidRequest, NotFound, TooLarge
+from batchd.errors import (
+    BlobNotFound,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    TooLarge,
+    excerpt,
+)
 from batchd.models import (
     FILE_ERROR,
     FILE_PROCESSED,
@@ -36,11 +44,23 @@ def input_key(file_id: str) -> str:
     return f"inputs/{file_id}"
 
 
+MAX_FILENAME = 255
+MAX_EXTENSION = 16
+
+
 def clean_filename(name: str | None) -> str:
-    """A user's file name as a name only: no directories, no control characters."""
+    """A user's file name as a name only: no directories, no control characters, at most
+    :data:`MAX_FILENAME` characters. A longer name is cut before its extension, so that a
+    ``.jsonl`` stays a ``.jsonl``."""
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(ch for ch in base if ch.isprintable()).strip()
-    return base[:255] or "upload.jsonl"
+    if len(base) > MAX_FILENAME:
+        stem, dot, ext = base.rpartition(".")
+        if dot and stem and len(ext) < MAX_EXTENSION:
+            base = stem[: MAX_FILENAME - len(ext) - 1] + "." + ext
+        else:
+            base = base[:MAX_FILENAME]
+    return base or "upload.jsonl"
 
 
 def file_error(summary: FileSummary) -> ValidationIssue | None:
@@ -106,6 +126,15 @@ class Upload:
         return await self.writer.commit()
 
 
+def _too_many_files(max_files: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"This project has reached its limit of {max_files} files (result files included); "
+        "delete some first.",
+        code="quota_exceeded",
+        param="file",
+    )
+
+
 class FileService:
     def __init__(
         self, settings: Settings, store: Store, blobs: Blobs, metrics: Metrics | None = None
@@ -114,6 +143,11 @@ class FileService:
         self._store = store
         self._blobs = blobs
         self._metrics = metrics
+
+    @property
+    def max_file_bytes(self) -> int:
+        """The largest file an upload may store (``limits.max_file_bytes``)."""
+        return self._settings.limits.max_file_bytes
 
     # -- upload ---------------------------------------------------------------------
     def begin_upload(self, filename: str | None) -> Upload:
@@ -141,7 +175,7 @@ class FileService:
         the upload when this raises."""
         if purpose not in PURPOSES:
             raise InvalidRequest(
-                f"Invalid purpose {purpose!r}; expected one of {', '.join(PURPOSES)}.",
+                f"Invalid purpose {excerpt(purpose)}; expected one of {', '.join(PURPOSES)}.",
                 code="invalid_value",
                 param="purpose",
             )
@@ -157,13 +191,9 @@ class FileService:
                 code="invalid_value",
                 param="expires_after",
             )
-        if await self._store.count_files(project) >= self._settings.limits.max_files:
-            raise InvalidRequest(
-                f"This project has reached its limit of {self._settings.limits.max_files} files; "
-                "delete some first.",
-                code="quota_exceeded",
-                param="file",
-            )
+        max_files = self._settings.limits.max_files
+        if await self._store.count_files(project) >= max_files:
+            raise _too_many_files(max_files)  # early: before the bytes are committed
         summary = await upload.summary() if purpose == PURPOSE_BATCH else None
         size = await upload.commit()
         created = now()
@@ -183,7 +213,14 @@ class FileService:
             status_details=status_details(summary, fatal) if summary and fatal else None,
             summary=summary,
         )
-        await self._store.insert_file(rec)
+        try:
+            # The count that holds under concurrency: checked and taken in one transaction.
+            await self._store.insert_file(rec, max_files=max_files)
+        except BaseException as exc:
+            await asyncio.shield(self._blobs.delete(rec.blob_key))
+            if isinstance(exc, QuotaExceeded):
+                raise _too_many_files(max_files) from None
+            raise
         if summary is not None:
             log.info("file %s: %s, %d lines", rec.id, rec.status, summary.lines)
         if self._metrics is not None:
@@ -195,7 +232,9 @@ class FileService:
         rec = await self._store.get_file(file_id, project)
         if rec is None:
             raise NotFound(
-                f"No such File object: {file_id}", code="file_not_found", param="file_id"
+                f"No such File object: {excerpt(file_id, quote=False)}",
+                code="file_not_found",
+                param="file_id",
             )
         return rec
 
@@ -207,21 +246,30 @@ class FileService:
         )
         return rows[:limit], len(rows) > limit
 
-    async def content(
-        self, project: str, file_id: str, start: int = 0, end: int | None = None
-    ) -> tuple[FileRecord, AsyncIterator[bytes]]:
+    async def stat_content(self, project: str, file_id: str) -> FileRecord:
+        """The file, once its bytes are known to exist (404 otherwise)."""
         rec = await self.get(project, file_id)
         try:
             await self._blobs.size(rec.blob_key)
         except BlobNotFound:
-            raise NotFound(f"No content for file {file_id}", code="file_not_found") from None
+            raise NotFound(
+                f"No content for file {excerpt(file_id, quote=False)}", code="file_not_found"
+            ) from None
+        return rec
+
+    async def content(
+        self, project: str, file_id: str, start: int = 0, end: int | None = None
+    ) -> tuple[FileRecord, AsyncIterator[bytes]]:
+        rec = await self.stat_content(project, file_id)
         return rec, self._blobs.read(rec.blob_key, start, end)
 
     async def delete(self, project: str, file_id: str) -> None:
         rec = await self._store.mark_file_deleted(file_id, project, now())
         if rec is None:
             raise NotFound(
-                f"No such File object: {file_id}", code="file_not_found", param="file_id"
+                f"No such File object: {excerpt(file_id, quote=False)}",
+                code="file_not_found",
+                param="file_id",
             )
         await self.collect_if_unused(rec)
 

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from batchd.errors import ConfigError, StoreError
+from batchd.filemodes import PRIVATE, make_dirs, touch
 from batchd.store.sql import Store
 
 if TYPE_CHECKING:
@@ -44,9 +45,21 @@ def async_url(url: str) -> str:
         return "sqlite+aiosqlite:///" + url.split(":///", 1)[1]
     if url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite:///")):
         return url
-    raise ConfigError(
-        f"database_url: unsupported scheme in {url!r} (use postgresql:// or sqlite:///)"
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    raise ConfigError(  # never the URL itself: it may hold a password
+        f"database_url: unsupported scheme {scheme[:32]!r} (use postgresql:// or sqlite:///)"
     )
+
+
+def _prepare_sqlite_file(url: str) -> None:
+    """Create a SQLite database's folder and empty file, private (0700/0600), before SQLite
+    opens it: SQLite would create it under the umask, and its ``-wal`` and ``-shm`` files
+    take the database file's mode. ``data_dir_mode``/``data_file_mode`` are applied at
+    start-up (:func:`batchd.blobs.factory.protect_data_dir`)."""
+    path = make_url(url).database
+    if path and path != ":memory:" and not path.startswith("file:"):
+        make_dirs(Path(path).parent, PRIVATE.dir)
+        touch(Path(path), PRIVATE.file)
 
 
 def _set_wal(cur: Any) -> None:
@@ -92,9 +105,7 @@ def _sqlite_engine(url: str, *, writer: bool) -> AsyncEngine:
 def open_store(database_url: str) -> Store:
     url = async_url(database_url)
     if url.startswith("sqlite"):
-        path = make_url(url).database
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _prepare_sqlite_file(url)
         return Store(_sqlite_engine(url, writer=True), _sqlite_engine(url, writer=False))
     engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
     return Store(engine, engine)
@@ -121,9 +132,7 @@ def _upgrade(conn: Connection, url: str) -> None:
 
 def _migration_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
-        path = make_url(url).database
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _prepare_sqlite_file(url)
         # BEGIN IMMEDIATE: the write lock is taken before alembic reads its version table, so
         # a second process waits and then finds the schema up to date.
         return _sqlite_engine(url, writer=True)
@@ -186,9 +195,7 @@ async def migrate(database_url: str) -> None:
     process, so that this one never loads Alembic."""
     url = async_url(database_url)
     if url.startswith("sqlite"):
-        path = make_url(url).database
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _prepare_sqlite_file(url)
     if await schema_revision(url) == HEAD_REVISION:
         return
     if url.startswith("sqlite") and make_url(url).database in (None, "", ":memory:"):

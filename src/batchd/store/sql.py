@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, insert, or_, select, tuple_, update
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from batchd.errors import LeaseLost, StoreError
+from batchd.errors import LeaseLost, QuotaExceeded, StoreError
 from batchd.models import (
     API_OPENAI,
     CANCELLING,
@@ -61,6 +61,12 @@ _HAS_SHARDS = exists().where(shards.c.batch_id == batches.c.id)
 _NOT_STARTED = or_(
     batches.c.status == VALIDATING, and_(batches.c.status == CANCELLING, ~_HAS_SHARDS)
 )
+
+# Namespaces of the PostgreSQL advisory locks that make a limit's check and its take one
+# step between replicas (``pg_advisory_xact_lock(namespace, hashtext(key))``). SQLite needs
+# none: its write transactions (``BEGIN IMMEDIATE``) already run one at a time.
+LOCK_FILE_COUNT = 0x62640001  # key: the project (limits.max_files)
+LOCK_ENQUEUED_TOKENS = 0x62640002  # key: the deployment's model (enqueued_token_limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,9 +208,33 @@ class Store:
         async with self._read() as conn:
             await conn.execute(select(1))
 
+    async def _lock(self, conn: AsyncConnection, namespace: int, key: str) -> None:
+        """Hold ``(namespace, key)`` until the transaction ends (PostgreSQL; on SQLite the
+        write transaction is exclusive already)."""
+        if self.dialect == "postgresql":
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:ns, hashtext(:key))"),
+                {"ns": namespace, "key": key},
+            )
+
     # -- files -------------------------------------------------------------------
-    async def insert_file(self, rec: FileRecord) -> None:
+    async def insert_file(self, rec: FileRecord, *, max_files: int | None = None) -> None:
+        """Record a file. With ``max_files``, only while its project has fewer files (not
+        deleted, result files included): counted and taken in this one transaction under a
+        per-project lock, so concurrent uploads on any number of replicas never pass the
+        limit. Raises :class:`QuotaExceeded` (nothing recorded) at the limit."""
         async with self._write() as conn:
+            if max_files is not None:
+                await self._lock(conn, LOCK_FILE_COUNT, rec.project)
+                used = (
+                    await conn.execute(
+                        select(func.count()).where(
+                            files.c.project == rec.project, files.c.deleted_at.is_(None)
+                        )
+                    )
+                ).scalar_one()
+                if used >= max_files:
+                    raise QuotaExceeded(f"{used} files of {max_files}", used=int(used))
             await conn.execute(insert(files).values(**_file_values(rec)))
 
     async def get_file(self, file_id: str, project: str | None = None) -> FileRecord | None:
@@ -418,6 +448,13 @@ class Store:
         async with self._read() as conn:
             return int((await conn.execute(q)).scalar_one())
 
+    async def delete_unstarted_batch(self, batch_id: str) -> None:
+        """Remove a batch still ``validating`` (one whose create did not finish)."""
+        async with self._write() as conn:
+            await conn.execute(
+                delete(batches).where(batches.c.id == batch_id, batches.c.status == VALIDATING)
+            )
+
     async def fail_started_batch(self, batch_id: str, issue: ValidationIssue, at: int) -> bool:
         """End an unfinished batch ``failed`` for an internal reason (its handling kept
         failing); its shards are no longer claimed. False if it had ended already."""
@@ -447,11 +484,21 @@ class Store:
         spans: Sequence[ShardSpan],
         token_estimate: int,
         at: int,
+        token_limit: int = 0,
     ) -> bool:
         """validating -> in_progress, creating the batch's shards. A batch cancelled while
         validating gets its shards too but stays ``cancelling``: the finaliser then lists
-        every line as ``batch_cancelled``. False if it is started or ended already."""
+        every line as ``batch_cancelled``. False if it is started or ended already.
+
+        With ``token_limit``, the model's enqueued tokens (the estimates of its unfinished
+        batches) plus this one's must stay within it: checked and taken in this one
+        transaction under a per-model lock, so two batches activated at once on any
+        replicas cannot both pass. Raises :class:`QuotaExceeded` (nothing changed) if not."""
         async with self._write() as conn:
+            checked = bool(token_limit) and model is not None
+            if checked:
+                assert model is not None
+                await self._lock(conn, LOCK_ENQUEUED_TOKENS, model)
             res = await conn.execute(
                 update(batches)
                 .where(batches.c.id == batch_id, batches.c.status == VALIDATING)
@@ -463,6 +510,18 @@ class Store:
                     token_estimate=token_estimate,
                 )
             )
+            if res.rowcount and checked:
+                used = (
+                    await conn.execute(
+                        select(func.coalesce(func.sum(batches.c.token_estimate), 0)).where(
+                            batches.c.model == model,
+                            batches.c.status.in_(UNFINISHED),
+                            batches.c.id != batch_id,
+                        )
+                    )
+                ).scalar_one()
+                if used + token_estimate > token_limit:  # rolls the move back
+                    raise QuotaExceeded(f"{used} tokens of {token_limit}", used=int(used))
             if not res.rowcount:
                 res = await conn.execute(
                     update(batches)

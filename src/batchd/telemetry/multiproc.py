@@ -13,13 +13,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from batchd.filemodes import PRIVATE, make_dirs
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def use_directory(path: Path) -> Path:
     """Empty ``path`` of earlier runs' files (created if need be) and make it the multiprocess
     directory of this process and of the processes it starts."""
-    path.mkdir(parents=True, exist_ok=True)
+    make_dirs(path, PRIVATE.dir)  # data_dir may not exist yet: made private here too
     for old in path.glob("*.db"):
         old.unlink(missing_ok=True)
     os.environ[ENV] = str(path.resolve())
