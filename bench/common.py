@@ -141,8 +141,11 @@ def bench_config(
     embedded: bool = True,
     engine: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    content_filter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    extra = {"content_filter": content_filter} if content_filter else {}
     return {
+        **extra,
         "auth": {"keys": {API_KEY: "bench"}},
         "deployments": [
             {
@@ -166,6 +169,7 @@ def stack(
     workers: int = 0,
     engine: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    content_filter: dict[str, Any] | None = None,
     keep: bool = False,
 ) -> Iterator[Stack]:
     """Start the fake upstream and ``batchd serve``; with ``workers`` > 0 the server runs no
@@ -181,6 +185,7 @@ def stack(
             embedded=workers == 0,
             engine=engine,
             limits=limits,
+            content_filter=content_filter,
         )
         path = write_config(tmp, cfg)
         server = start_server(path, tmp)

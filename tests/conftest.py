@@ -29,6 +29,7 @@ def upstream(shared_upstream: Upstream) -> Upstream:
         rate_limit_rate=0.0,
         retry_after=0.05,
         reject_content=None,
+        replies={},
         misbehave={},
     )
     shared_upstream.reset()

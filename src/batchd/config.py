@@ -36,7 +36,10 @@ from batchd.errors import ConfigError
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
-LOCAL_MODELS = (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL)  # what ``local_model`` may name
+DEFAULT_MODERATION_MODEL = "omni-moderation-latest"  # the embedded defaults' moderation model
+MODERATION_LOCAL_MODEL = "minilm-moderation"  # the embedded content filter as /v1/moderations
+# what ``local_model`` may name
+LOCAL_MODELS = (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, MODERATION_LOCAL_MODEL)
 
 
 class _Strict(BaseModel):
@@ -188,6 +191,40 @@ class ProjectSettings(_Strict):
     )
 
 
+Severity = Literal["low", "medium", "high"]
+
+
+class ContentFilterThresholds(_Strict):
+    """Per category, the lowest severity that counts as filtered."""
+
+    hate: Severity = "medium"
+    self_harm: Severity = "medium"
+    sexual: Severity = "medium"
+    violence: Severity = "medium"
+
+
+class ContentFilterSettings(_Strict):
+    enabled: bool = False
+    action: Literal["annotate", "block"] = "annotate"
+    classifier: str = Field(
+        default="embedded",
+        description="'embedded' (MiniLM heads, offline) or the model name of a deployment",
+    )
+    classifier_api: Literal["moderations", "guard"] = Field(
+        default="moderations",
+        description="for a deployment: it answers /v1/moderations, or is a guard model "
+        "answering chat completions ('safe' / 'unsafe\\nS1,S10')",
+    )
+    thresholds: ContentFilterThresholds = Field(default_factory=ContentFilterThresholds)
+    timeout: float = Field(default=60.0, gt=0, description="seconds for one classification")
+    threads: int = Field(
+        default=1,
+        ge=0,
+        le=1024,
+        description="classifier = embedded: CPU threads for MiniLM's products; 0 = a core each",
+    )
+
+
 class Webhook(_Strict):
     url: str
     secret: str | None = None
@@ -240,6 +277,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     webhooks: list[Webhook] = Field(default_factory=list)
     projects: dict[str, ProjectSettings] = Field(default_factory=dict)
+    content_filter: ContentFilterSettings = Field(default_factory=ContentFilterSettings)
     migrate_on_start: bool = True
     log_level: str = "info"
     data_dir_mode: Annotated[int, BeforeValidator(_octal_mode), AfterValidator(_dir_mode)] = Field(
@@ -270,16 +308,29 @@ class Settings(BaseSettings):
             if d.model in seen:
                 raise ValueError(f"deployments: model {d.model!r} is configured twice")
             seen.add(d.model)
+        cf = self.content_filter
+        if cf.classifier != "embedded" and self.deployment_for(cf.classifier) is None:
+            raise ValueError(
+                f"content_filter.classifier: {cf.classifier!r} is neither 'embedded' nor the "
+                "model of a deployment"
+            )
         return self
 
     # -- derived -----------------------------------------------------------------
     def effective_deployments(self) -> list[Deployment]:
-        """The configured deployments, or the two embedded models when none is configured."""
+        """The configured deployments, or the embedded models when none is configured: chat,
+        embeddings, and the embedded content filter as ``omni-moderation-latest``."""
         if self.deployments:
             return list(self.deployments)
         return [
             Deployment(model=DEFAULT_CHAT_MODEL, backend="local", max_concurrency=32),
             Deployment(model=DEFAULT_EMBEDDING_MODEL, backend="local", max_concurrency=64),
+            Deployment(
+                model=DEFAULT_MODERATION_MODEL,
+                backend="local",
+                local_model=MODERATION_LOCAL_MODEL,
+                max_concurrency=64,
+            ),
         ]
 
     def project_weight(self, project: str) -> float:

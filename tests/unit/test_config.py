@@ -44,7 +44,12 @@ def test_every_setting_is_documented() -> None:
 def test_defaults_serve_the_embedded_models(tmp_path: Path) -> None:
     s = load_settings(None, data_dir=str(tmp_path))
     models = {d.model: d.backend for d in s.effective_deployments()}
-    assert models == {"smollm2-135m-instruct": "local", "all-minilm-l6-v2": "local"}
+    assert models == {
+        "smollm2-135m-instruct": "local",
+        "all-minilm-l6-v2": "local",
+        "omni-moderation-latest": "local",
+    }
+    assert s.deployment_for("omni-moderation-latest").local_model == "minilm-moderation"  # type: ignore[union-attr]
     assert s.engine.embedded is True
     assert s.resolved_database_url.endswith("batchd.db")
 
@@ -64,7 +69,8 @@ def test_defaults_serve_the_embedded_models(tmp_path: Path) -> None:
         ),
         (
             "[[deployments]]\nmodel = 'm'\nbackend = 'local'\nlocal_model = 'llama-70b'\n",
-            "unknown local_model 'llama-70b'; known: smollm2-135m-instruct, all-minilm-l6-v2",
+            "unknown local_model 'llama-70b'; known: smollm2-135m-instruct, all-minilm-l6-v2, "
+            "minilm-moderation",
         ),
         ("[[deployments]]\nmodel = 'm'\nbackend = 'local'\n", "unknown local_model 'm'"),
         ("[[deployments]]\nmodel = 'm'\nbase_url = 'ftp://x/v1'\n", "is not an http(s) URL"),

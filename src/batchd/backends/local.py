@@ -51,7 +51,7 @@ from batchd.localmodel.scheduler import (
     PromptTooLong,
     load_llm,
 )
-from batchd.localmodel.worker import WorkerClosed, limit_blas_threads
+from batchd.localmodel.worker import WorkerClosed, limit_blas_threads, run_job
 from batchd.telemetry.memory import resident_bytes
 
 log = logging.getLogger(__name__)
@@ -229,22 +229,10 @@ class LocalBackend(Backend):
 
     async def _wait(self, submit: Callable[[Callable[[Any], None]], Any], time_limit: float) -> Any:
         """Submit a job to a worker thread and await its result, cancelling it on timeout."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-
-        def deliver(result: Any) -> None:
-            loop.call_soon_threadsafe(_resolve, future, result)
-
-        job = submit(deliver)
         try:
-            async with asyncio.timeout(time_limit):
-                return await future
+            return await run_job(submit, time_limit)
         except TimeoutError as exc:
-            job.cancelled = True
             raise UpstreamTimeout(f"the local model did not answer within {time_limit}s") from exc
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
 
     async def _generate_all(
         self, request: GenerationRequest, time_limit: float
@@ -461,11 +449,3 @@ def _checked_ids(ids: list[int], vocab_size: int) -> list[int]:
         raise BadRequest(f"token ids must be in [0, {vocab_size})", param="prompt")
     return ids
 
-
-def _resolve(future: asyncio.Future[Any], result: Any) -> None:
-    if future.done():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)

@@ -6,10 +6,16 @@ import os
 
 from batchd.backends.base import Backend
 from batchd.backends.http1 import HTTP1Backend
-from batchd.config import Deployment
+from batchd.config import MODERATION_LOCAL_MODEL, Deployment
 
 
 def build_backend(deployment: Deployment) -> Backend:
+    if deployment.backend == "local" and deployment.local_model == MODERATION_LOCAL_MODEL:
+        from batchd.backends.moderation import LocalModerationBackend
+
+        return LocalModerationBackend(
+            deployment.local_model, blas_threads=deployment.threads or os.cpu_count() or 1
+        )
     if deployment.backend == "local":
         # Imported here: a server that only proxies never loads the model code.
         from batchd.backends.local import LocalBackend

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import msgspec
@@ -40,6 +40,9 @@ from batchd.service.input_line import (
 from batchd.store.sql import Store
 from batchd.telemetry.logs import about
 from batchd.telemetry.meters import DeploymentMeter
+
+if TYPE_CHECKING:
+    from batchd.engine.content_filter import ContentFilter
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +186,8 @@ class ShardRun:
     # The process's checkpointer (one transaction a round for all its shards); a run without
     # one checkpoints on its own, every ``checkpoint_seconds``.
     checkpointer: Checkpointer | None = None
+    # ``[content_filter]``: None when off, and then the senders never look at it again.
+    content_filter: ContentFilter | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_code: str = "batch_cancelled"
     lost: bool = False
@@ -325,11 +330,12 @@ class ShardRun:
 
     async def _sender(self, lines: Iterator[tuple[int, Request]], journal: Journal) -> None:
         stop = self.stop
+        execute = self._execute if self.content_filter is None else self._execute_filtered
         for i, req in lines:
             if stop.is_set():
                 return
             try:
-                result = await self._execute(req)
+                result = await execute(req)
             except Exception as exc:
                 # A defect, not the line's doing: that line fails, the shard goes on.
                 log.exception("shard %s/%d: line %d failed", *self.key, i, extra=about(self.claim))
@@ -374,6 +380,17 @@ class ShardRun:
         result = result_line(req.custom_id, resp)
         route.meter.tokens(result[2])
         return result
+
+    async def _execute_filtered(
+        self, req: Request
+    ) -> tuple[bool, bytes, Usage | None] | Parked | None:
+        """:meth:`_execute` inside the content filter (:mod:`batchd.engine.content_filter`)."""
+        assert self.content_filter is not None
+        if req.problem is not None:
+            return await self._execute(req)
+        return await self.content_filter.execute(
+            lambda: self._execute(req), self.claim.endpoint, req.custom_id, req.body
+        )
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
         """Wait for in-flight requests; once stopped, give them a bounded grace."""

@@ -20,6 +20,7 @@ from batchd.backends.base import Backend
 from batchd.blobs.base import Blobs
 from batchd.config import Settings
 from batchd.engine.checkpoints import Checkpointer
+from batchd.engine.content_filter import build_content_filter
 from batchd.engine.failures import MAX_TRIES, FailureTracker
 from batchd.engine.finalize import Finalizer
 from batchd.engine.limits import DeploymentLimiter
@@ -86,6 +87,7 @@ class Engine:
             self._cfg.lease_seconds,
             settings.project_weight,
         )
+        self.content_filter = build_content_filter(settings.content_filter, backends)
         self._runs: dict[tuple[str, int], ShardRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -132,6 +134,8 @@ class Engine:
             await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
             await self.checkpointer.close()
             await self.slots.release()
+            if self.content_filter is not None:
+                await self.content_filter.close()
             for backend in self._backends.values():
                 await backend.close()
             if self._webhooks is not None:
@@ -173,6 +177,7 @@ class Engine:
                     checkpoint_seconds=self._cfg.checkpoint_seconds,
                     cancel_grace=self._cfg.cancel_grace_seconds,
                     checkpointer=self.checkpointer,
+                    content_filter=self.content_filter,
                 )
                 self._runs[run.key] = run
                 self._spawn(self._run_shard(run))

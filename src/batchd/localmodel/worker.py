@@ -9,11 +9,12 @@ batching) and :class:`batchd.localmodel.minilm.EmbeddingWorker`.
 from __future__ import annotations
 
 import abc
+import asyncio
 import importlib
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 M = TypeVar("M")
 J = TypeVar("J")
@@ -126,3 +127,40 @@ class ModelWorker(abc.ABC, Generic[M, J]):
     @abc.abstractmethod
     def _abort(self, exc: BaseException) -> None:
         """Fail every accepted job and forget them."""
+
+
+class CancellableJob(Protocol):
+    """A job a worker skips once ``cancelled`` is set."""
+
+    cancelled: bool
+
+
+async def run_job(
+    submit: Callable[[Callable[[Any], None]], CancellableJob], time_limit: float
+) -> Any:
+    """Submit a job to a worker thread and await what it delivers: ``submit(deliver)`` queues
+    the job and returns it; the worker calls ``deliver`` (on its thread) with the result or
+    an exception, which is raised here. Raises TimeoutError after ``time_limit`` seconds;
+    the job is marked cancelled on timeout and when the caller is cancelled."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(result: Any) -> None:
+        loop.call_soon_threadsafe(_resolve, future, result)
+
+    job = submit(deliver)
+    try:
+        async with asyncio.timeout(time_limit):
+            return await future
+    except (TimeoutError, asyncio.CancelledError):
+        job.cancelled = True
+        raise
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

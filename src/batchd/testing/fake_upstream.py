@@ -2,7 +2,9 @@
 
 It answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
 ``/v1/responses`` and ``/v1/moderations`` like a real server would (the chat answer echoes
-the last user message), with switches set by ``POST /_control``:
+the last user message; a model whose name contains "guard" answers as Llama Guard does, and
+``/v1/moderations`` as OpenAI's moderation model does, both by word lists: see
+:mod:`batchd.testing.fake_moderation`), with switches set by ``POST /_control``:
 
 - ``latency``: seconds before each answer;
 - ``capacity``: a model server's capacity (0: unlimited): it serves that many requests at
@@ -12,6 +14,8 @@ the last user message), with switches set by ``POST /_control``:
 - ``fail_rate``: share of requests answered 500;
 - ``rate_limit_rate``: share answered 429 with ``retry-after: <retry_after>``;
 - ``reject_content``: a substring that makes a chat request a final 400;
+- ``replies``: ``{key: text}``: a chat, completions or responses request whose prompt
+  contains ``key`` is answered with ``text`` instead of the echo;
 - ``misbehave``: ``{key: behaviour}`` for requests whose prompt contains ``key`` (or whose
   model is NAME, for a key ``model=NAME``), the upstream misbehaviours of real servers and
   gateways: ``html_500`` (an HTML error page), ``non_json_2xx`` (a 200 that is not JSON),
@@ -42,6 +46,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from batchd.testing.fake_moderation import guard_verdict, moderation_answer
+
 
 @dataclass
 class Switches:
@@ -52,6 +58,7 @@ class Switches:
     rate_limit_rate: float = 0.0
     retry_after: float = 0.05
     reject_content: str | None = None
+    replies: dict[str, str] = field(default_factory=dict)
     misbehave: dict[str, str] = field(default_factory=dict)
 
 
@@ -82,10 +89,15 @@ def _usage(prompt: str, completion: int) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}
 
 
-def answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
+def answer(path: str, body: dict[str, Any], reply: str | None = None) -> dict[str, Any]:
+    """The answer to ``body`` on ``path``; ``reply``: the text to answer with (default: an
+    echo of the prompt, or a guard model's verdict on it)."""
     model = body.get("model", "fake")
     prompt = _prompt(body)
     now = int(time.time())
+    text = f"echo: {prompt}" if reply is None else reply
+    if reply is None and "guard" in str(model).lower():
+        text = guard_verdict(prompt)
     if path.endswith("/chat/completions"):
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -95,7 +107,7 @@ def answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": f"echo: {prompt}"},
+                    "message": {"role": "assistant", "content": text},
                     "finish_reason": "stop",
                     "logprobs": None,
                 }
@@ -109,7 +121,7 @@ def answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
             "created": now,
             "model": model,
             "choices": [
-                {"index": 0, "text": f" echo: {prompt}", "finish_reason": "stop", "logprobs": None}
+                {"index": 0, "text": f" {text}", "finish_reason": "stop", "logprobs": None}
             ],
             "usage": _usage(prompt, 3),
         }
@@ -143,7 +155,7 @@ def answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
                     "role": "assistant",
                     "status": "completed",
                     "content": [
-                        {"type": "output_text", "text": f"echo: {prompt}", "annotations": []}
+                        {"type": "output_text", "text": text, "annotations": []}
                     ],
                 }
             ],
@@ -153,11 +165,7 @@ def answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
                 "total_tokens": max(1, len(prompt) // 4) + 3,
             },
         }
-    return {
-        "id": f"modr-{uuid.uuid4().hex}",
-        "model": model,
-        "results": [{"flagged": False, "categories": {}, "category_scores": {}}],
-    }
+    return moderation_answer(str(model), body.get("input"))
 
 
 def _error(status: int, message: str, type_: str) -> web.Response:
@@ -293,8 +301,9 @@ async def _respond(
         return failure
     stats.status[200] += 1
     stats.answered[prompt] += 1
+    reply = next((text for key, text in switches.replies.items() if key in prompt), None)
     return web.Response(
-        body=orjson.dumps(answer(request.path, body)),
+        body=orjson.dumps(answer(request.path, body, reply)),
         content_type="application/json",
         headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
     )

@@ -1,0 +1,96 @@
+"""The texts a content filter judges: a request's prompts and its answer's choices.
+
+Azure filters chat completions and completions: one ``prompt_filter_results`` entry a prompt
+(a chat request is one prompt: all its messages), one ``content_filter_results`` a choice.
+Responses are judged the same way (their input is one prompt, their output text one
+answer). Only text is judged: image, audio and file parts, tool calls and token-id prompts
+are not (a token-id prompt has no text: it is reported as not filtered).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+FILTERED_ENDPOINTS = frozenset({CHAT, COMPLETIONS, RESPONSES})
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
+
+
+def _content_text(content: Any) -> str:
+    """A message's ``content``: a string, or the text of its text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in _TEXT_PARTS:
+                text = part.get("text", part.get("refusal"))
+                if isinstance(text, str):
+                    parts.append(text)
+        return "\n".join(parts)
+    return ""
+
+
+def _messages_text(messages: Any) -> str:
+    if not isinstance(messages, list):
+        return ""
+    return "\n".join(
+        text
+        for m in messages
+        if isinstance(m, dict) and (text := _content_text(m.get("content")))
+    )
+
+
+def prompt_texts(endpoint: str, body: Mapping[str, Any]) -> list[str | None]:
+    """The prompts of a request body, in order; ``None`` for a prompt without text (token
+    ids). Chat: one prompt, every message. Completions: one a prompt. Responses: one,
+    ``instructions`` and every input message. Other endpoints: none."""
+    if endpoint == CHAT:
+        return [_messages_text(body.get("messages"))]
+    if endpoint == COMPLETIONS:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        return [None]
+    if endpoint == RESPONSES:
+        items = body.get("input")
+        text = items if isinstance(items, str) else _messages_text(items)
+        instructions = body.get("instructions")
+        if isinstance(instructions, str) and instructions:
+            text = f"{instructions}\n{text}"
+        return [text]
+    return []
+
+
+def choice_texts(endpoint: str, body: Mapping[str, Any]) -> list[str]:
+    """The answer's texts: one a choice (chat: the message's content; completions: the
+    text); a response's output text as one. Other endpoints: none."""
+    if endpoint == RESPONSES:
+        output = body.get("output")
+        items = output if isinstance(output, list) else []
+        return [
+            "\n".join(
+                _content_text(item.get("content"))
+                for item in items
+                if isinstance(item, dict) and item.get("type") == "message"
+            )
+        ]
+    choices = body.get("choices")
+    if endpoint not in (CHAT, COMPLETIONS) or not isinstance(choices, list):
+        return []
+    out = []
+    for choice in choices:
+        if not isinstance(choice, dict):
+            out.append("")
+        elif endpoint == CHAT:
+            message = choice.get("message")
+            out.append(_content_text(message.get("content")) if isinstance(message, dict) else "")
+        else:
+            text = choice.get("text")
+            out.append(text if isinstance(text, str) else "")
+    return out
