@@ -312,6 +312,7 @@ class BatchdResult:
     output_bytes: int
     batch_id: str
     phases: dict[str, float]
+    wall: tuple[float, float, float] = (0.0, 0.0, 0.0)  # unix s: start, uploaded, done seen
 
 
 def batchd_run(client: OpenAI, data: bytes, *, poll: float = 0.05, timeout: float = 900) -> (
@@ -319,8 +320,10 @@ def batchd_run(client: OpenAI, data: bytes, *, poll: float = 0.05, timeout: floa
 ):
     """Upload, create, poll until done, download the output: seconds end to end."""
     t0 = time.perf_counter()
+    w0 = time.time()
     f = client.files.create(file=("bench.jsonl", data), purpose="batch")
     t_up = time.perf_counter()
+    w_up = time.time()
     b = client.batches.create(
         input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
@@ -331,6 +334,7 @@ def batchd_run(client: OpenAI, data: bytes, *, poll: float = 0.05, timeout: floa
         time.sleep(poll)
         b = client.batches.retrieve(b.id)
     t_done = time.perf_counter()
+    w_done = time.time()
     size = 0
     if b.output_file_id:
         size = len(client.files.content(b.output_file_id).content)
@@ -343,6 +347,7 @@ def batchd_run(client: OpenAI, data: bytes, *, poll: float = 0.05, timeout: floa
         size,
         b.id,
         {"upload": t_up - t0, "run": t_done - t_up, "download": t_end - t_done},
+        (w0, w_up, w_done),
     )
 
 

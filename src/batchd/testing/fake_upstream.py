@@ -70,6 +70,19 @@ class Stats:
     status: Counter[int] = field(default_factory=Counter)
     answered: Counter[str] = field(default_factory=Counter)
     attempts: Counter[str] = field(default_factory=Counter)
+    first_at: float = 0.0  # unix seconds: the first request seen since the last reset
+    last_at: float = 0.0  # ... and the last answer sent
+
+    def begin(self) -> None:
+        self.requests += 1
+        if not self.first_at:
+            self.first_at = time.time()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        self.last_at = time.time()
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -315,9 +328,7 @@ def make_app(latency: float = 0.0) -> web.Application:
     server = _Server()
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        stats.requests += 1
-        stats.in_flight += 1
-        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        stats.begin()
         entered = False
         try:
             raw = await request.read()
@@ -334,7 +345,7 @@ def make_app(latency: float = 0.0) -> web.Application:
         finally:
             if entered:
                 server.leave()
-            stats.in_flight -= 1
+            stats.end()
 
     async def control(request: web.Request) -> web.Response:
         for key, value in (await request.json()).items():
@@ -353,6 +364,8 @@ def make_app(latency: float = 0.0) -> web.Application:
                     "status": {str(k): v for k, v in stats.status.items()},
                     "answered": dict(stats.answered),
                     "attempts": dict(stats.attempts),
+                    "first_at": stats.first_at,
+                    "last_at": stats.last_at,
                 }
             ),
             content_type="application/json",
@@ -364,6 +377,7 @@ def make_app(latency: float = 0.0) -> web.Application:
         stats.requests, stats.max_in_flight = fresh.requests, stats.in_flight
         stats.status, stats.answered = fresh.status, fresh.answered
         stats.attempts = fresh.attempts
+        stats.first_at = stats.last_at = 0.0
         return web.json_response({"ok": True})
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
