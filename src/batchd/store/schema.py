@@ -146,3 +146,28 @@ events = Table(
     Column("delivered_at", BigInteger, nullable=True),
     Index("ix_events_pending", "delivered_at", "next_attempt_at"),
 )
+
+# Idempotency-Key of a create (``kind``: "batch" or "file"), per project: the first request's
+# fingerprint (sha256 hex of what makes two requests "the same") and the object it made
+# (None while the first request is still running). Kept 24 h (CONTRACT.md, extensions).
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("project", String(255), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("result_id", String(64), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_idempotency_keys_created", "created_at"),
+)
+
+# Named leases: a job that one process at a time runs across replicas (the retention reaper)
+# holds its row until ``until`` (unix seconds); a lapsed row may be taken by anyone.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("until", Float, nullable=False),
+)
