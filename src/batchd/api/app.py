@@ -31,7 +31,9 @@ from batchd.service.activation import Activator
 from batchd.service.batches import BatchService
 from batchd.service.dashboard import DashboardService
 from batchd.service.files import FileService
+from batchd.service.idempotency import Idempotency
 from batchd.service.retry import RetryService
+from batchd.store.keyed import IdempotencyKeys
 from batchd.store.sql import Store
 from batchd.telemetry import exposition
 from batchd.telemetry.metrics import Metrics
@@ -65,6 +67,7 @@ def create_app(
         max_upload_bytes=settings.limits.max_file_bytes,
         readiness=readiness,
         wake_engine=wake_engine or (lambda: None),
+        idempotency=Idempotency(IdempotencyKeys(store)),
     )
     ready = asyncio.Event()
 

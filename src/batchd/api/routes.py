@@ -9,6 +9,7 @@ parameters by their declared constraints (a violation is a 400 naming it), bodie
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from batchd.errors import InvalidRequest, RangeNotSatisfiable, TooLarge
 from batchd.models import API_AZURE, API_OPENAI
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
+from batchd.service.idempotency import HEADER, Idempotency, check_key, fingerprint
 
 # ``after`` cursors: an id of the listed kind (or empty: from the start)
 _AFTER_BATCH = r"^(batch_[0-9a-f-]{36})?$"
@@ -53,6 +55,7 @@ class Services:
     max_upload_bytes: int
     readiness: Readiness
     wake_engine: Callable[[], None]
+    idempotency: Idempotency
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -195,10 +198,11 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
         "/files",
         openapi_extra=_UPLOAD_DOC,
         summary="Upload a file",
-        responses=responses(FileObject, 400, 408, 413),
+        responses=responses(FileObject, 400, 408, 409, 413),
     )
     async def upload_file(request: Request, proj: str = Depends(project)) -> Response:
         svc = services(request)
+        key = check_key(request.headers.get(HEADER))
         length = content_length(request)
         if length is not None and length > svc.max_upload_bytes + FORM_OVERHEAD:
             raise TooLarge(
@@ -206,7 +210,7 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
                 code="file_too_large",
                 param="file",
             )
-        form = await read_form(request, svc.files)
+        form = await read_form(request, svc.files, hashed=key is not None)
         upload = form.upload
         try:
             if upload is None:
@@ -218,9 +222,25 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
                 raise InvalidRequest(
                     "purpose is required.", code="missing_required_parameter", param="purpose"
                 )
-            rec = await svc.files.finish_upload(
-                proj, upload, purpose=purpose, expires_after=expires_after(form.fields)
+            expiry = expires_after(form.fields)
+            finish = functools.partial(
+                svc.files.finish_upload, proj, upload, purpose=purpose, expires_after=expiry
             )
+            if key is None:
+                rec = await finish()
+            else:
+                print_ = fingerprint(upload.content_sha256(), purpose, upload.filename, expiry)
+                rec = await svc.idempotency.run(
+                    proj,
+                    "file",
+                    key,
+                    print_,
+                    finish,
+                    functools.partial(svc.files.get, proj),
+                    lambda r: r.id,
+                )
+                if rec.id != upload.file_id:  # a replay: these bytes are not kept
+                    await upload.writer.abort()
         except BaseException:
             if upload is not None:
                 await upload.writer.abort()
@@ -300,19 +320,32 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
         "/batches",
         openapi_extra=_CREATE_DOC,
         summary="Create a batch",
-        responses=responses(BatchObject, 400, 404, 408, 413),
+        responses=responses(BatchObject, 400, 404, 408, 409, 413),
     )
     async def create_batch(request: Request, proj: str = Depends(project)) -> Response:
+        key = check_key(request.headers.get(HEADER))
         body = await read_json(request, _create_batch)
-        rec = await services(request).batches.create(
-            proj,
-            input_file_id=body.input_file_id,
-            endpoint=body.endpoint,
-            completion_window=body.completion_window,
-            metadata=body.metadata,
-            output_expires_after=body.output_expires_after,
-            api=api_of(request),
-        )
+        svc = services(request)
+        fields = {
+            "input_file_id": body.input_file_id,
+            "endpoint": body.endpoint,
+            "completion_window": body.completion_window,
+            "metadata": body.metadata,
+            "output_expires_after": body.output_expires_after,
+        }
+        create = functools.partial(svc.batches.create, proj, api=api_of(request), **fields)
+        if key is None:
+            rec = await create()
+        else:
+            rec = await svc.idempotency.run(
+                proj,
+                "batch",
+                key,
+                fingerprint(fields, api_of(request)),
+                create,
+                functools.partial(svc.batches.get, proj),
+                lambda r: r.id,
+            )
         if rec.status == "in_progress":
             services(request).wake_engine()
             await services(request).readiness.note_queued(rec.id)

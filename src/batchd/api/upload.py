@@ -123,8 +123,9 @@ def boundary(content_type: str) -> bytes:
 class _FormReader:
     """Turns the parser's events for one slice into form fields and upload writes."""
 
-    def __init__(self, files: FileService, events: _Events) -> None:
+    def __init__(self, files: FileService, events: _Events, hashed: bool = False) -> None:
         self.files = files
+        self.hashed = hashed
         self.events = events
         self.form = Form(fields={}, upload=None)
         self.file_part: _Part | None = None
@@ -136,7 +137,7 @@ class _FormReader:
                 continue
             if self.form.upload is not None:
                 raise InvalidRequest("Only one file per upload.", param="file")
-            self.form.upload = self.files.begin_upload(part.filename)
+            self.form.upload = self.files.begin_upload(part.filename, hashed=self.hashed)
             self.file_part = part
         self.events.started.clear()
 
@@ -174,9 +175,11 @@ class FormParser:
     """The push parser and the form's bounds, fed the body as it arrives (usable without a
     request: the fuzz tests drive it directly)."""
 
-    def __init__(self, content_type: str, files: FileService, max_body: int) -> None:
+    def __init__(
+        self, content_type: str, files: FileService, max_body: int, *, hashed: bool = False
+    ) -> None:
         self.events = _Events()
-        self.reader = _FormReader(files, self.events)
+        self.reader = _FormReader(files, self.events, hashed)
         self.max_body = max_body
         self.received = 0
         events = self.events
@@ -236,11 +239,15 @@ class FormParser:
             await self.reader.form.upload.writer.abort()
 
 
-async def read_form(request: Request, files: FileService) -> Form:
-    """Parse the form, streaming the ``file`` part into a new upload. On error the upload
-    is aborted and nothing is left in storage."""
+async def read_form(request: Request, files: FileService, *, hashed: bool = False) -> Form:
+    """Parse the form, streaming the ``file`` part into a new upload (``hashed``: its
+    sha256 computed on the way, :meth:`Upload.content_sha256`). On error the upload is
+    aborted and nothing is left in storage."""
     parser = FormParser(
-        request.headers.get("content-type", ""), files, files.max_file_bytes + FORM_OVERHEAD
+        request.headers.get("content-type", ""),
+        files,
+        files.max_file_bytes + FORM_OVERHEAD,
+        hashed=hashed,
     )
     try:
         async for chunk in request.stream():

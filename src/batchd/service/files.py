@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio.to_thread
 
@@ -92,6 +94,8 @@ class Upload:
     writer: BlobWriter
     max_bytes: int
     validator: Validator
+    # sha256 of the content, streamed (only for an upload with an Idempotency-Key)
+    hasher: Any = None
     _pending: list[bytes] = field(default_factory=list)
     _pending_bytes: int = 0
 
@@ -104,6 +108,8 @@ class Upload:
             )
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
+        if self.hasher is not None:
+            self.hasher.update(chunk)
         if self._pending_bytes >= VALIDATE_CHUNK:
             await self._flush()
 
@@ -115,6 +121,11 @@ class Upload:
         self._pending_bytes = 0
         await self.writer.write(data)
         await anyio.to_thread.run_sync(self.validator.feed, data)
+
+    def content_sha256(self) -> str:
+        """The hex sha256 of every byte written (an upload begun with ``hashed=True``)."""
+        assert self.hasher is not None, "begin_upload(hashed=True) computes the hash"
+        return str(self.hasher.hexdigest())
 
     async def summary(self) -> FileSummary:
         await self._flush()
@@ -150,7 +161,7 @@ class FileService:
         return self._settings.limits.max_file_bytes
 
     # -- upload ---------------------------------------------------------------------
-    def begin_upload(self, filename: str | None) -> Upload:
+    def begin_upload(self, filename: str | None, *, hashed: bool = False) -> Upload:
         name = clean_filename(filename)
         file_id = new_id("file-")
         limits = self._settings.limits
@@ -160,7 +171,12 @@ class FileService:
             shard_lines=self._settings.engine.shard_lines,
         )
         return Upload(
-            file_id, name, self._blobs.writer(input_key(file_id)), limits.max_file_bytes, validator
+            file_id,
+            name,
+            self._blobs.writer(input_key(file_id)),
+            limits.max_file_bytes,
+            validator,
+            hashlib.sha256() if hashed else None,
         )
 
     async def finish_upload(

@@ -55,7 +55,7 @@ class IdempotencyKeys:
             idempotency_keys.c.key == key,
         )
         async with self._store._write() as conn:
-            await self._store._lock(conn, LOCK_IDEMPOTENCY, f"{project}\0{kind}\0{key}")
+            await self._store._lock(conn, LOCK_IDEMPOTENCY, f"{project}\n{kind}\n{key}")
             row = (await conn.execute(select(idempotency_keys).where(where))).mappings().first()
             if row is not None:
                 lapsed = row["created_at"] <= now - self._ttl

@@ -1,0 +1,75 @@
+"""Idempotency keys and named leases hold across replicas (two stores on one database), on
+SQLite and PostgreSQL (issue 12 items 4 and 5)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from batchd.store.connect import migrate, open_store
+from batchd.store.keyed import IdempotencyKeys, Leases
+from batchd.store.sql import Store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'batchd.db'}"
+    url: str = request.getfixturevalue("pg_database")
+    return url
+
+
+@pytest.fixture
+async def replicas(database_url: str) -> AsyncIterator[tuple[Store, Store]]:
+    await migrate(database_url)
+    a, b = open_store(database_url), open_store(database_url)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def test_one_of_many_concurrent_claims_wins(replicas: tuple[Store, Store]) -> None:
+    keys = [IdempotencyKeys(s) for s in replicas]
+    states = await asyncio.gather(
+        *(keys[i % 2].claim("p", "batch", "k", "fp", 1000) for i in range(10))
+    )
+    assert sorted(s.claim for s in states) == ["in_flight"] * 9 + ["new"]
+    await keys[0].finish("p", "batch", "k", "batch_1")
+    assert (await keys[1].claim("p", "batch", "k", "fp", 1001)).result_id == "batch_1"
+    assert (await keys[1].claim("p", "batch", "k", "other", 1001)).claim == "conflict"
+    # Per project and per kind; a key past 24 h is free again.
+    assert (await keys[1].claim("q", "batch", "k", "other", 1001)).claim == "new"
+    assert (await keys[1].claim("p", "file", "k", "other", 1001)).claim == "new"
+    assert (await keys[0].claim("p", "batch", "k", "other", 1000 + 86400)).claim == "new"
+    assert await keys[0].forget_lapsed(1000 + 2 * 86400) == 3
+
+
+async def test_a_released_or_stale_key_runs_again(replicas: tuple[Store, Store]) -> None:
+    keys = IdempotencyKeys(replicas[0], stale=60)
+    assert (await keys.claim("p", "file", "k", "fp", 0)).claim == "new"
+    await keys.release("p", "file", "k")
+    assert (await keys.claim("p", "file", "k", "fp", 1)).claim == "new"
+    assert (await keys.claim("p", "file", "k", "fp", 30)).claim == "in_flight"
+    assert (await keys.claim("p", "file", "k", "fp", 61)).claim == "new"  # its holder died
+
+
+async def test_a_lease_has_one_holder_until_it_lapses(replicas: tuple[Store, Store]) -> None:
+    a, b = Leases(replicas[0]), Leases(replicas[1])
+    got = await asyncio.gather(
+        *(
+            (a if i % 2 else b).acquire("reaper", f"owner-{i}", 100.0, 30.0)
+            for i in range(8)
+        )
+    )
+    assert got.count(True) == 1
+    holder = f"owner-{got.index(True)}"
+    assert await a.acquire("reaper", holder, 110.0, 30.0)  # renewed by its holder
+    assert not await b.acquire("reaper", "other", 139.0, 30.0)
+    assert await b.acquire("reaper", "other", 141.0, 30.0)  # lapsed: taken over
+    await a.release("reaper", holder)  # not its holder any more: nothing happens
+    assert not await a.acquire("reaper", holder, 142.0, 30.0)
+    await b.release("reaper", "other")
+    assert await a.acquire("reaper", holder, 143.0, 30.0)
