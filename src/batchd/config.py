@@ -158,6 +158,13 @@ class Limits(_Strict):
     max_files: int = Field(default=500, ge=1)
     completion_windows: list[str] = Field(default_factory=lambda: ["24h"])
     max_line_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    output_retention: int = Field(
+        default=0,
+        ge=0,
+        le=30 * 86400,
+        description="seconds a batch's result files are kept when the batch does not say "
+        "(output_expires_after); 0 keeps them until deleted",
+    )
     body_timeout_seconds: float = Field(
         default=60.0,
         gt=0,

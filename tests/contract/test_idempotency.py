@@ -74,12 +74,8 @@ def test_same_key_same_upload_is_one_file_and_other_content_is_409(
     server = make_server(base_config(upstream))
     client = sdk(server)
     data = chat_lines(3)
-    first = client.files.create(
-        file=("in.jsonl", data), purpose="batch", extra_headers=_key("up")
-    )
-    again = client.files.create(
-        file=("in.jsonl", data), purpose="batch", extra_headers=_key("up")
-    )
+    first = client.files.create(file=("in.jsonl", data), purpose="batch", extra_headers=_key("up"))
+    again = client.files.create(file=("in.jsonl", data), purpose="batch", extra_headers=_key("up"))
     assert again.id == first.id
     assert [x.id for x in client.files.list().data] == [first.id]
     inputs = sorted(p.name for p in (server.data_dir / "files" / "inputs").iterdir())

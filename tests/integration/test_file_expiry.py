@@ -1,11 +1,18 @@
-"""Files past their expires_at disappear, and their bytes go once no batch reads them."""
+"""Files past their expires_at disappear, and their bytes go once no batch reads them;
+one retention reaper at a time across replicas (issue 12 item 5)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
+
 from batchd.blobs.local import LocalBlobs
-from batchd.models import FILE_PROCESSED, FileRecord, now
+from batchd.config import load_settings
+from batchd.models import FILE_PROCESSED, VALIDATING, BatchRecord, FileRecord, new_id, now
+from batchd.service.files import FileService
+from batchd.service.retention import Reaper
 from batchd.store.connect import migrate, open_store
 
 
@@ -19,8 +26,17 @@ async def test_expired_files_are_deleted(tmp_path: Path) -> None:
         for fid, expires in (("file-old", t - 1), ("file-new", t + 3600), ("file-none", None)):
             await blobs.put(f"inputs/{fid}", b"{}\n")
             await store.insert_file(
-                FileRecord(fid, "p", "a.jsonl", "batch", 3, t - 10, FILE_PROCESSED,
-                           f"inputs/{fid}", expires_at=expires)
+                FileRecord(
+                    fid,
+                    "p",
+                    "a.jsonl",
+                    "batch",
+                    3,
+                    t - 10,
+                    FILE_PROCESSED,
+                    f"inputs/{fid}",
+                    expires_at=expires,
+                )
             )
         assert await store.expire_files(t) == 1
         assert await store.get_file("file-old") is None
@@ -31,3 +47,72 @@ async def test_expired_files_are_deleted(tmp_path: Path) -> None:
         assert await store.expire_files(t) == 0
     finally:
         await store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'batchd.db'}"
+    url: str = request.getfixturevalue("pg_database")
+    return url
+
+
+async def test_one_reaper_at_a_time_deletes_expired_bytes_and_rows(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two replicas' reapers: one holds the lease and reaps; an expired result file loses its
+    bytes and row, an expired input that a running batch reads keeps its bytes until the
+    batch ends; a pass that crashed between bytes and row is finished by the next."""
+    await migrate(database_url)
+    stores = [open_store(database_url), open_store(database_url)]
+    blobs = LocalBlobs(tmp_path / "files")
+    settings = load_settings(None, data_dir=str(tmp_path))
+    reapers = [
+        Reaper(s, FileService(settings, s, blobs), owner=f"engine-{i}", lease_seconds=60)
+        for i, s in enumerate(stores)
+    ]
+    store = stores[0]
+    try:
+        t = now()
+        for fid, purpose, key in (
+            ("file-out", "batch_output", "outputs/file-out"),
+            ("file-in", "batch", "inputs/file-in"),
+            ("file-crashed", "batch_output", "outputs/file-crashed"),
+        ):
+            if fid != "file-crashed":  # its bytes went before a crash, its row stayed
+                await blobs.put(key, b"{}\n")
+            await store.insert_file(
+                FileRecord(
+                    fid, "p", "a.jsonl", purpose, 3, t - 10, FILE_PROCESSED, key, expires_at=t - 1
+                )
+            )
+        running = BatchRecord(
+            id=new_id("batch_"),
+            project="p",
+            endpoint="/v1/chat/completions",
+            input_file_id="file-in",
+            completion_window="24h",
+            status=VALIDATING,
+            created_at=t,
+            expires_at=t + 86400,
+            input_blob_key="inputs/file-in",
+        )
+        await store.insert_batch(running)
+        took = await asyncio.gather(*(r.reap() for r in reapers))
+        assert sorted(took) == [False, True]
+        assert not (tmp_path / "files" / "outputs" / "file-out").exists()
+        assert (tmp_path / "files" / "inputs" / "file-in").exists()  # still read
+        assert [f.id for f in await store.deleted_files_unreferenced()] == []
+        holder = reapers[took.index(True)]
+        assert await holder.reap()  # renewed by its holder
+        await holder.release()  # a clean stop: the other takes over at once
+        other = reapers[took.index(False)]
+        await store.fail_batch(running.id, [], t)
+        assert await other.reap()
+        assert not (tmp_path / "files" / "inputs" / "file-in").exists()
+        assert [f.id for f in await store.deleted_files_unreferenced()] == []
+        for fid in ("file-out", "file-in", "file-crashed"):
+            assert await store.get_file(fid) is None
+    finally:
+        for s in stores:
+            await s.close()

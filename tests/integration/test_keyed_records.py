@@ -59,10 +59,7 @@ async def test_a_released_or_stale_key_runs_again(replicas: tuple[Store, Store])
 async def test_a_lease_has_one_holder_until_it_lapses(replicas: tuple[Store, Store]) -> None:
     a, b = Leases(replicas[0]), Leases(replicas[1])
     got = await asyncio.gather(
-        *(
-            (a if i % 2 else b).acquire("reaper", f"owner-{i}", 100.0, 30.0)
-            for i in range(8)
-        )
+        *((a if i % 2 else b).acquire("reaper", f"owner-{i}", 100.0, 30.0) for i in range(8))
     )
     assert got.count(True) == 1
     holder = f"owner-{got.index(True)}"

@@ -13,8 +13,9 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from batchd.backends.base import Backend
 from batchd.blobs.base import Blobs
@@ -32,6 +33,7 @@ from batchd.errors import LeaseLost
 from batchd.models import CANCELLING, BatchRecord, ValidationIssue, new_id, now
 from batchd.service.activation import Activator
 from batchd.service.files import FileService
+from batchd.service.retention import Reaper
 from batchd.store.sql import Store
 from batchd.telemetry.logs import about
 from batchd.telemetry.metrics import Metrics
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SIGNAL_SECONDS = 0.5
 SWEEP_SECONDS = 2.0
+RETENTION_LEASE_SWEEPS = 5  # the reaper's lease outlives this many sweeps without renewal
 # Finalising is leased briefly and renewed by a heartbeat: a finaliser that died is taken
 # over within seconds.
 FINALIZE_LEASE = 10.0
@@ -98,6 +101,9 @@ class Engine:
         activator = Activator(settings, store)
         self._activator = activator
         self._files = FileService(settings, store, blobs)
+        self._reaper = Reaper(
+            store, self._files, owner=owner, lease_seconds=RETENTION_LEASE_SWEEPS * SWEEP_SECONDS
+        )
         self._webhooks = (
             WebhookSender(settings.webhooks, store, self.metrics) if settings.webhooks else None
         )
@@ -134,6 +140,8 @@ class Engine:
             await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
             await self.checkpointer.close()
             await self.slots.release()
+            with contextlib.suppress(Exception):
+                await self._reaper.release()
             if self.content_filter is not None:
                 await self.content_filter.close()
             for backend in self._backends.values():
@@ -380,10 +388,11 @@ class Engine:
 
     async def sweep(self) -> None:
         """Finish what crashed processes left (validations, batch starts) and collect deleted
-        and expired files. Each step, and each batch within a step, fails on its own: an
-        error is logged with the batch's id and the rest goes on."""
+        and expired files (the :class:`~batchd.service.retention.Reaper`). Each step, and
+        each batch within a step, fails on its own: an error is logged with the batch's id
+        and the rest goes on."""
         await self._start_waiting_batches()
-        steps = [self._store.expire_files(now()), self._collect_deleted()]
+        steps: list[Coroutine[Any, Any, object]] = [self._reaper.reap()]
         if self._webhooks is not None:
             steps.insert(0, self._webhooks.send_due())
         for step in steps:
@@ -403,10 +412,3 @@ class Engine:
             if not failures.due(batch.id):
                 continue
             await self._try_batch(failures, batch.id, "started", self._activator.activate(batch))
-
-    async def _collect_deleted(self) -> None:
-        for rec in await self._store.deleted_files_unreferenced():
-            try:
-                await self._files.collect_if_unused(rec)
-            except Exception:
-                log.exception("file %s: removing its bytes failed; tried again later", rec.id)

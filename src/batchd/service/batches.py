@@ -119,6 +119,8 @@ class BatchService:
             )
         meta = check_metadata(metadata)
         out_expiry = check_output_expiry(output_expires_after)
+        if out_expiry is None and self._settings.limits.output_retention:
+            out_expiry = self._settings.limits.output_retention  # [limits] output_retention
         file = await self._store.get_file(input_file_id, project)
         if file is None:
             raise NotFound(
