@@ -190,6 +190,12 @@ class EngineSettings(_Strict):
 
 
 class ProjectSettings(_Strict):
+    enqueued_token_limit: int = Field(
+        default=0,
+        ge=0,
+        description="tokens the project's unfinished batches may hold, every deployment "
+        "together (0: no limit)",
+    )
     weight: float = Field(
         default=1.0,
         gt=0,
@@ -344,6 +350,11 @@ class Settings(BaseSettings):
         """``[projects.NAME] weight``, 1 for a project not configured."""
         settings = self.projects.get(project)
         return settings.weight if settings is not None else 1.0
+
+    def project_token_limit(self, project: str) -> int:
+        """``[projects.NAME] enqueued_token_limit``, 0 (none) for a project not configured."""
+        settings = self.projects.get(project)
+        return settings.enqueued_token_limit if settings is not None else 0
 
     def deployment_for(self, model: str) -> Deployment | None:
         for d in self.effective_deployments():

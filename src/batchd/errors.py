@@ -83,9 +83,10 @@ class QuotaExceeded(BatchdError):
     """A count- or token-based limit refused a write; nothing was written. ``used`` is what
     was already taken when the limit was checked."""
 
-    def __init__(self, message: str, *, used: int) -> None:
+    def __init__(self, message: str, *, used: int, scope: str = "") -> None:
         super().__init__(message)
         self.used = used
+        self.scope = scope  # which limit: "deployment" or "project" for the token quotas
 
 
 def excerpt(value: object, most: int = 64, *, quote: bool = True) -> str:

@@ -31,9 +31,11 @@ import importlib.resources
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import anyio.to_thread
 import orjson
 import tiktoken
 
+from batchd.blobs.base import Blobs
 from batchd.config import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, Settings
 from batchd.service.input_line import (
     DECODE_ERRORS,
@@ -44,6 +46,8 @@ from batchd.service.input_line import (
 )
 
 TextCounter = Callable[[str], int]
+# a request's tokens from its model, body and head (the engine's tpm limit)
+RequestTokens = Callable[[str, bytes, RequestHead], int]
 
 # tiktoken_ext/openai_public.py: each encoding's split pattern, special tokens and the
 # sha256 of its .tiktoken file.
@@ -233,6 +237,21 @@ class TokenCounter:
         fallback = estimate_tokens(0, head)  # the output part alone
         return input_tokens(parsed, count) + fallback if isinstance(parsed, dict) else fallback
 
+    def tpm_tokens(self) -> RequestTokens | None:
+        """How the engine counts a request for its deployment's tpm limit: counted for a
+        deployment with ``tpm``, estimated for the others; None when no deployment has one
+        (the engine keeps the estimate and never tokenizes)."""
+        limited = {d.model for d in self._settings.effective_deployments() if d.tpm}
+        if not limited:
+            return None
+
+        def tokens_of(model: str, body: bytes, head: RequestHead) -> int:
+            if model in limited:
+                return self.request_tokens(model, body, head)
+            return estimate_tokens(len(body), head)
+
+        return tokens_of
+
     def lines_tokens(self, lines: Iterable[bytes]) -> int:
         """The tokens of input lines (JSONL lines that validation accepted)."""
         total = 0
@@ -245,4 +264,31 @@ class TokenCounter:
             except DECODE_ERRORS:
                 continue
             total += self.request_tokens(head.model, bytes(line.body), head)
+        return total
+
+
+class InputCounter:
+    """Counts a stored batch input's tokens, streamed (one chunk of lines at a time, on a
+    worker thread): what activation takes from the quotas instead of the upload's
+    ``bytes / 4`` estimate."""
+
+    def __init__(self, counter: TokenCounter, blobs: Blobs) -> None:
+        self._counter = counter
+        self._blobs = blobs
+
+    async def count(self, key: str) -> int:
+        total = 0
+        rest = b""
+        async for chunk in self._blobs.read(key):
+            data = rest + chunk
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                rest = data
+                continue
+            rest = data[cut + 1 :]
+            total += await anyio.to_thread.run_sync(
+                self._counter.lines_tokens, data[:cut].split(b"\n")
+            )
+        if rest.strip():
+            total += await anyio.to_thread.run_sync(self._counter.lines_tokens, [rest])
         return total

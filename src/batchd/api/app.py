@@ -37,6 +37,7 @@ from batchd.store.keyed import IdempotencyKeys
 from batchd.store.sql import Store
 from batchd.telemetry import exposition
 from batchd.telemetry.metrics import Metrics
+from batchd.tokens import InputCounter, TokenCounter
 from batchd.ui.app import Dashboard
 from batchd.ui.session import Sessions
 
@@ -57,7 +58,7 @@ def create_app(
 ) -> FastAPI:
     """``engine_process``: the state of ``batchd serve``'s embedded engine process, shown
     by ``/readyz``; ``wake_engine``: tells it a batch started (it claims at once)."""
-    activator = Activator(settings, store)
+    activator = Activator(settings, store, InputCounter(TokenCounter(settings), blobs))
     metrics = Metrics()
     readiness = Readiness(store, engine_process)
     services = Services(

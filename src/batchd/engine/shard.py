@@ -40,6 +40,7 @@ from batchd.service.input_line import (
 from batchd.store.sql import Store
 from batchd.telemetry.logs import about
 from batchd.telemetry.meters import DeploymentMeter
+from batchd.tokens import RequestTokens
 
 if TYPE_CHECKING:
     from batchd.engine.content_filter import ContentFilter
@@ -143,9 +144,10 @@ def _paused(limiter: DeploymentLimiter) -> UpstreamResponse:
     return UpstreamResponse(429, b"", "", limiter.pause_left())
 
 
-def parse_span(data: bytes, count: int) -> list[Request]:
+def parse_span(data: bytes, count: int, tokens_of: RequestTokens | None = None) -> list[Request]:
     """The shard's requests, in order (blank lines skipped, as validation did), read with
-    validation's decoders (:mod:`batchd.service.input_line`)."""
+    validation's decoders (:mod:`batchd.service.input_line`). ``tokens_of(model, body,
+    head)``: a request's tokens for the tpm limit (default: ``estimate_tokens``)."""
     out: list[Request] = []
     for raw in data.split(b"\n"):
         if not raw.strip():
@@ -162,7 +164,9 @@ def parse_span(data: bytes, count: int) -> list[Request]:
                 msgspec.json.encode(line.custom_id),
                 bytes(line.body),
                 head.model,
-                estimate_tokens(len(line.body), head),
+                tokens_of(head.model, bytes(line.body), head)
+                if tokens_of is not None
+                else estimate_tokens(len(line.body), head),
             )
         )
     if len(out) != count:
@@ -188,6 +192,8 @@ class ShardRun:
     checkpointer: Checkpointer | None = None
     # ``[content_filter]``: None when off, and then the senders never look at it again.
     content_filter: ContentFilter | None = None
+    # Counts a request's tokens for a deployment with a tpm limit (None: none has one).
+    tokens_of: RequestTokens | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_code: str = "batch_cancelled"
     lost: bool = False
@@ -290,7 +296,7 @@ class ShardRun:
         self._done = bytearray(c.done)
         self._seq = c.part_seq
         data = await self.blobs.read_all(c.input_blob_key, c.span.start, c.span.end)
-        requests = await anyio.to_thread.run_sync(parse_span, data, c.span.count)
+        requests = await anyio.to_thread.run_sync(parse_span, data, c.span.count, self.tokens_of)
         del data
         await self._adopt()
         journal = Journal(self.spool, c.batch_id, c.idx, c.token)

@@ -37,6 +37,7 @@ from batchd.service.retention import Reaper
 from batchd.store.sql import Store
 from batchd.telemetry.logs import about
 from batchd.telemetry.metrics import Metrics
+from batchd.tokens import InputCounter, TokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,9 @@ class Engine:
         # One checkpoint transaction per interval for every shard this engine runs.
         self.checkpointer = Checkpointer(store, self._cfg.checkpoint_seconds)
         self._finalizer = Finalizer(store, blobs, self._spool, owner)
-        activator = Activator(settings, store)
+        self._tokens = TokenCounter(settings)
+        self._tpm_tokens = self._tokens.tpm_tokens()
+        activator = Activator(settings, store, InputCounter(self._tokens, blobs))
         self._activator = activator
         self._files = FileService(settings, store, blobs)
         self._reaper = Reaper(
@@ -186,6 +189,7 @@ class Engine:
                     cancel_grace=self._cfg.cancel_grace_seconds,
                     checkpointer=self.checkpointer,
                     content_filter=self.content_filter,
+                    tokens_of=self._tpm_tokens,
                 )
                 self._runs[run.key] = run
                 self._spawn(self._run_shard(run))

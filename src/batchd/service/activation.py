@@ -15,16 +15,25 @@ from batchd.models import BatchRecord, ValidationIssue, now
 from batchd.service.validation import MAX_ISSUES, mismatched_lines
 from batchd.store.sql import Store
 from batchd.telemetry.logs import about
+from batchd.tokens import InputCounter
 
 log = logging.getLogger(__name__)
 
 
 class Activator:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, counter: InputCounter | None = None
+    ) -> None:
+        """``counter``: counts a batch's tokens with its model's tokenizer when a token
+        quota applies (without one, the upload's ``bytes / 4`` estimate is used)."""
         self._settings = settings
         self._store = store
+        self._counter = counter
 
-    async def activate(self, batch: BatchRecord) -> None:
+    async def activate(self, batch: BatchRecord, *, defer_counting: bool = False) -> None:
+        """Start the batch, or fail it. With ``defer_counting`` (a create request), a batch
+        whose tokens must be counted stays ``validating``: the engine's sweep counts and
+        starts it, so a create never waits on counting a large file."""
         file = await self._store.get_file(batch.input_file_id)
         if file is None:
             issue = ValidationIssue(
@@ -79,20 +88,30 @@ class Activator:
             )
             return
         limit = deployment.enqueued_token_limit if deployment is not None else 0
+        project_limit = self._settings.project_token_limit(batch.project)
+        tokens = summary.token_estimate
+        if (limit or project_limit) and self._counter is not None:
+            if defer_counting:
+                return  # counted while the batch waits in validating (the engine's sweep)
+            tokens = await self._counter.count(file.blob_key)
+            at = now()
         try:
             await self._store.activate_batch(
                 batch.id,
                 model=model,
                 spans=summary.shards,
-                token_estimate=summary.token_estimate,
+                token_estimate=tokens,
                 at=at,
                 token_limit=limit,
+                project_token_limit=project_limit,
             )
         except QuotaExceeded as exc:  # checked and taken atomically by the store
+            of = f"project {batch.project}" if exc.scope == "project" else str(model)
+            cap = project_limit if exc.scope == "project" else limit
             issue = ValidationIssue(
                 "token_limit_exceeded",
-                f"Enqueued token limit reached for {model}: {exc.used} tokens are enqueued "
-                f"and this batch needs about {summary.token_estimate}; the limit is {limit}. "
+                f"Enqueued token limit reached for {of}: {exc.used} tokens are enqueued "
+                f"and this batch needs {tokens}; the limit is {cap}. "
                 "Try again after some batches end.",
                 None,
                 None,
@@ -102,7 +121,7 @@ class Activator:
                 "batch %s (project %s) failed: enqueued token limit of %s",
                 batch.id,
                 batch.project,
-                model,
+                of,
             )
             return
         log.info(

@@ -163,7 +163,7 @@ class BatchService:
             extra=about(rec),
         )
         try:
-            await self._activator.activate(rec)
+            await self._activator.activate(rec, defer_counting=True)
         except BaseException:
             # No half-made batch: one whose activation raised is removed, not left
             # ``validating`` (a crash before this line is what the engine's sweep is for).

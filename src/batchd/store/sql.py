@@ -67,6 +67,7 @@ _NOT_STARTED = or_(
 # none: its write transactions (``BEGIN IMMEDIATE``) already run one at a time.
 LOCK_FILE_COUNT = 0x62640001  # key: the project (limits.max_files)
 LOCK_ENQUEUED_TOKENS = 0x62640002  # key: the deployment's model (enqueued_token_limit)
+LOCK_PROJECT_TOKENS = 0x62640004  # key: the project ([projects.NAME] enqueued_token_limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,6 +486,7 @@ class Store:
         token_estimate: int,
         at: int,
         token_limit: int = 0,
+        project_token_limit: int = 0,
     ) -> bool:
         """validating -> in_progress, creating the batch's shards. A batch cancelled while
         validating gets its shards too but stays ``cancelling``: the finaliser then lists
@@ -493,12 +495,22 @@ class Store:
         With ``token_limit``, the model's enqueued tokens (the estimates of its unfinished
         batches) plus this one's must stay within it: checked and taken in this one
         transaction under a per-model lock, so two batches activated at once on any
-        replicas cannot both pass. Raises :class:`QuotaExceeded` (nothing changed) if not."""
+        replicas cannot both pass. ``project_token_limit`` holds the same way for the
+        project's unfinished batches, every model together (locked after the model's lock,
+        always in that order). Raises :class:`QuotaExceeded` (nothing changed, ``scope``
+        "deployment" or "project") if not."""
         async with self._write() as conn:
             checked = bool(token_limit) and model is not None
             if checked:
                 assert model is not None
                 await self._lock(conn, LOCK_ENQUEUED_TOKENS, model)
+            project = None
+            if project_token_limit:
+                project = (
+                    await conn.execute(select(batches.c.project).where(batches.c.id == batch_id))
+                ).scalar_one_or_none()
+                if project is not None:
+                    await self._lock(conn, LOCK_PROJECT_TOKENS, project)
             res = await conn.execute(
                 update(batches)
                 .where(batches.c.id == batch_id, batches.c.status == VALIDATING)
@@ -521,7 +533,23 @@ class Store:
                     )
                 ).scalar_one()
                 if used + token_estimate > token_limit:  # rolls the move back
-                    raise QuotaExceeded(f"{used} tokens of {token_limit}", used=int(used))
+                    raise QuotaExceeded(
+                        f"{used} tokens of {token_limit}", used=int(used), scope="deployment"
+                    )
+            if res.rowcount and project is not None:
+                used = (
+                    await conn.execute(
+                        select(func.coalesce(func.sum(batches.c.token_estimate), 0)).where(
+                            batches.c.project == project,
+                            batches.c.status.in_(UNFINISHED),
+                            batches.c.id != batch_id,
+                        )
+                    )
+                ).scalar_one()
+                if used + token_estimate > project_token_limit:  # rolls the move back
+                    raise QuotaExceeded(
+                        f"{used} tokens of {project_token_limit}", used=int(used), scope="project"
+                    )
             if not res.rowcount:
                 res = await conn.execute(
                     update(batches)
