@@ -300,6 +300,35 @@ async def _migrate(settings: Settings) -> None:
     log.info("schema is up to date")
 
 
+async def _usage(settings: Settings, project: str | None) -> None:
+    """Print the tokens per project and deployment (:mod:`batchd.store.usage`), one row each:
+    enqueued (held by the quotas, with the limits) and used (input and output)."""
+    from batchd.store.connect import migrate, open_store
+    from batchd.store.usage import token_usage
+
+    url = settings.resolved_database_url
+    if settings.migrate_on_start:
+        await migrate(url)
+    store = open_store(url)
+    try:
+        rows = await token_usage(store, project)
+    finally:
+        await store.close()
+    head = ("PROJECT", "MODEL", "ENQUEUED", "LIMIT", "PROJECT LIMIT", "INPUT", "OUTPUT", "LIVE")
+    table = [head]
+    for r in rows:
+        d = settings.deployment_for(r.model) if r.model else None
+        limit = d.enqueued_token_limit if d is not None else 0
+        table.append((
+            r.project, r.model or "-", str(r.enqueued), str(limit or "-"),
+            str(settings.project_token_limit(r.project) or "-"),
+            str(r.input_tokens), str(r.output_tokens), str(r.unfinished),
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
 def _run(coro: Any) -> None:
     try:
         import uvloop
@@ -322,6 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p_migrate = sub.add_parser("migrate", help="bring the database schema up to date")
     p_migrate.add_argument("--config", help="TOML configuration file")
+    p_usage = sub.add_parser(
+        "usage", help="tokens per project and deployment: enqueued (quotas) and used"
+    )
+    p_usage.add_argument("--config", help="TOML configuration file")
+    p_usage.add_argument("--project", help="only this project")
     client.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command in client.COMMANDS:
@@ -337,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The engine is batch work: the API's polls get the CPU first when both want it.
                 os.nice(ENGINE_NICENESS)
             _run(_worker(settings, args.parent, args.metrics_port))
+        elif args.command == "usage":
+            _run(_usage(settings, args.project))
         else:
             _run(_migrate(settings))
     except ConfigError as exc:

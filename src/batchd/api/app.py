@@ -69,6 +69,7 @@ def create_app(
         readiness=readiness,
         wake_engine=wake_engine or (lambda: None),
         idempotency=Idempotency(IdempotencyKeys(store)),
+        store=store,
     )
     ready = asyncio.Event()
 

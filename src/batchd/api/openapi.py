@@ -90,6 +90,23 @@ class BatchList(_Open):
     has_more: bool
 
 
+class UsageRow(_Open):
+    object: Literal["usage"]
+    project: str
+    model: str
+    enqueued_tokens: int
+    input_tokens: int
+    output_tokens: int
+    unfinished_batches: int
+
+
+class UsageList(_Open):
+    """``GET /v1/usage`` (an extension): the caller's project's tokens per deployment."""
+
+    object: Literal["list"]
+    data: list[UsageRow]
+
+
 _WHY = {
     400: "Invalid request: a parameter, the body or its content type",
     401: "No API key, or an unknown one",

@@ -29,6 +29,7 @@ from batchd.api.openapi import (
     FileDeleted,
     FileList,
     FileObject,
+    UsageList,
     responses,
 )
 from batchd.api.ranges import parse_range
@@ -39,6 +40,8 @@ from batchd.models import API_AZURE, API_OPENAI
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
 from batchd.service.idempotency import HEADER, Idempotency, check_key, fingerprint
+from batchd.store.sql import Store
+from batchd.store.usage import token_usage
 
 # ``after`` cursors: an id of the listed kind (or empty: from the start)
 _AFTER_BATCH = r"^(batch_[0-9a-f-]{36})?$"
@@ -56,6 +59,7 @@ class Services:
     readiness: Readiness
     wake_engine: Callable[[], None]
     idempotency: Idempotency
+    store: Store
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -315,6 +319,16 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
             return Response(status_code=status, headers=headers, media_type=media)
         _, body = await files.content(proj, file_id, start, end)
         return StreamingResponse(body, status_code=status, headers=headers, media_type=media)
+
+    @router.api_route(
+        "/usage",
+        methods=GET,
+        summary="Tokens per deployment: enqueued (held by the quotas) and used (an extension)",
+        responses=responses(UsageList),
+    )
+    async def usage(request: Request, proj: str = Depends(project)) -> Response:
+        rows = await token_usage(services(request).store, proj)
+        return json_response({"object": "list", "data": [r.to_wire() for r in rows]})
 
     @router.post(
         "/batches",
