@@ -178,6 +178,7 @@ def input_tokens(body: dict[str, Any], count: TextCounter) -> int:
 
 def _hf_counter(tokenizer: Any) -> TextCounter:
     tokenizer.no_truncation()
+    tokenizer.no_padding()
     return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
