@@ -6,12 +6,11 @@ results come back as Anthropic result lines, rendered from the batch's result fi
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
-
-import json
-import urllib.request
 
 import anthropic
 import pytest
@@ -113,7 +112,8 @@ def test_cancel_keeps_partial_results(claude: anthropic.Anthropic, upstream: Ups
 
 
 def test_list_pages_and_delete(claude: anthropic.Anthropic, server: Server) -> None:
-    ids = [claude.messages.batches.create(requests=requests(1, prefix=f"l{i}")).id for i in range(3)]
+    batches = claude.messages.batches
+    ids = [batches.create(requests=requests(1, prefix=f"l{i}")).id for i in range(3)]
     first = claude.messages.batches.list(limit=2)
     assert [b.id for b in first.data] == ids[::-1][:2]
     assert first.has_more is True

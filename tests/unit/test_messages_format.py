@@ -77,12 +77,28 @@ def test_params_become_a_chat_body_with_tools() -> None:
 @pytest.mark.parametrize(
     ("params", "param"),
     [
-        ({"model": "m", "max_tokens": 1, "messages": [{"role": "system", "content": "x"}]},
-         "messages.0.role"),
-        ({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
-          "temperature": 2}, "temperature"),
-        ({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
-          "stream": True}, "stream"),
+        (
+            {"model": "m", "max_tokens": 1, "messages": [{"role": "system", "content": "x"}]},
+            "messages.0.role",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": "x"}],
+                "temperature": 2,
+            },
+            "temperature",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+            },
+            "stream",
+        ),
     ],
 )
 def test_bad_params_name_the_field(params: dict[str, object], param: str) -> None:
@@ -106,15 +122,22 @@ def test_a_tool_call_answer_becomes_tool_use_blocks() -> None:
                     "finish_reason": "tool_calls",
                 }
             ],
-            "usage": {"prompt_tokens": 7, "completion_tokens": 2,
-                      "prompt_tokens_details": {"cached_tokens": 4}},
+            "usage": {
+                "prompt_tokens": 7,
+                "completion_tokens": 2,
+                "prompt_tokens_details": {"cached_tokens": 4},
+            },
         },
         "msg_1",
     )
     assert msg["content"] == [{"type": "tool_use", "id": "c1", "name": "get", "input": {"a": 1}}]
     assert msg["stop_reason"] == "tool_use"
-    assert msg["usage"] == {"input_tokens": 7, "output_tokens": 2,
-                            "cache_read_input_tokens": 4, "cache_creation_input_tokens": 0}
+    assert msg["usage"] == {
+        "input_tokens": 7,
+        "output_tokens": 2,
+        "cache_read_input_tokens": 4,
+        "cache_creation_input_tokens": 0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -131,10 +154,18 @@ def test_stop_reasons(choice: dict[str, object], reason: str, sequence: str | No
 
 
 def test_unexecuted_and_transport_failures() -> None:
-    cancelled = {"custom_id": "a", "response": None,
-                 "error": {"code": "batch_cancelled", "message": "x"}}
+    cancelled = {
+        "custom_id": "a",
+        "response": None,
+        "error": {"code": "batch_cancelled", "message": "x"},
+    }
     assert result_line(cancelled) == {"custom_id": "a", "result": {"type": "canceled"}}
-    timeout = {"custom_id": "b", "response": {"status_code": 504, "body": {
-        "error": {"message": "upstream timed out"}}}, "error": None}
+    timeout = {
+        "custom_id": "b",
+        "response": {"status_code": 504, "body": {"error": {"message": "upstream timed out"}}},
+        "error": None,
+    }
     assert result_line(timeout)["result"]["error"] == {
-        "type": "error", "error": {"type": "timeout_error", "message": "upstream timed out"}}
+        "type": "error",
+        "error": {"type": "timeout_error", "message": "upstream timed out"},
+    }
