@@ -179,6 +179,21 @@ class Limits(_Strict):
         return self
 
 
+class AnthropicSettings(_Strict):
+    """Anthropic's Message Batches (``/v1/messages/batches``); defaults as Anthropic's."""
+
+    max_requests: int = Field(default=100_000, ge=1, description="requests per message batch")
+    max_batch_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1, description="largest create body (256 MB)"
+    )
+    results_retention_seconds: int = Field(
+        default=29 * 86400,
+        ge=3600,
+        le=30 * 86400,
+        description="results readable this long after creation (29 days), then archived",
+    )
+
+
 class EngineSettings(_Strict):
     embedded: bool = True
     shard_lines: int = Field(default=1000, ge=1, description="lines per shard")
@@ -291,6 +306,7 @@ class Settings(BaseSettings):
     webhooks: list[Webhook] = Field(default_factory=list)
     projects: dict[str, ProjectSettings] = Field(default_factory=dict)
     content_filter: ContentFilterSettings = Field(default_factory=ContentFilterSettings)
+    anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
     migrate_on_start: bool = True
     log_level: str = "info"
     data_dir_mode: Annotated[int, BeforeValidator(_octal_mode), AfterValidator(_dir_mode)] = Field(

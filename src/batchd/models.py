@@ -33,6 +33,7 @@ SHARD_DONE = "done"
 
 API_OPENAI = "openai"
 API_AZURE = "azure"  # created on the /openai tree: both result files, endpoint as sent
+API_ANTHROPIC = "anthropic"  # a message batch (/v1/messages/batches): OpenAI result files
 
 PURPOSE_BATCH = "batch"
 PURPOSE_OUTPUT = "batch_output"

@@ -20,7 +20,7 @@ from fastapi.routing import APIRouter
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from batchd.api import docs, errors, openapi
+from batchd.api import docs, errors, messages, openapi
 from batchd.api.auth import Authenticator
 from batchd.api.bodyguard import BodyGuard
 from batchd.api.readiness import Readiness
@@ -32,8 +32,10 @@ from batchd.service.batches import BatchService
 from batchd.service.dashboard import DashboardService
 from batchd.service.files import FileService
 from batchd.service.idempotency import Idempotency
+from batchd.service.message_batches import MessageBatchService
 from batchd.service.retry import RetryService
 from batchd.store.keyed import IdempotencyKeys
+from batchd.store.message_batches import MessageBatchStore
 from batchd.store.sql import Store
 from batchd.telemetry import exposition
 from batchd.telemetry.metrics import Metrics
@@ -97,12 +99,16 @@ def create_app(
         redoc_url=None,
     )
     app.state.services = services
+    app.state.message_batches = MessageBatchService(
+        settings, services.files, services.batches, MessageBatchStore(store)
+    )
     errors.install(app)
     openapi.install(app)
     app.add_middleware(BodyGuard, timeout=settings.limits.body_timeout_seconds)
     router = build_router()
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix, include_in_schema=prefix == "/v1")
+    app.include_router(messages.build_router(), prefix="/v1")
     docs.install(app, {route.path for route in router.routes if hasattr(route, "path")})
     dashboard = DashboardService(
         settings,
@@ -145,7 +151,8 @@ def create_app(
 
 
 def _method_table(app: FastAPI, router: APIRouter) -> errors.MethodTable:
-    """Every route's methods: the trees' (``router`` under each prefix) and the app's own."""
+    """Every route's methods: the trees' (``router`` under each prefix) and the app's own
+    (Anthropic's routes among them)."""
     table = errors.MethodTable()
     routes = [(prefix, r) for prefix in PREFIXES for r in router.routes]
     for prefix, route in [*routes, *(("", r) for r in app.router.routes)]:

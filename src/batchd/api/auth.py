@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer KEY`` (OpenAI) or ``api-key: KEY`` (Azure) -> project."""
+"""API keys: ``Authorization: Bearer KEY`` (OpenAI), ``api-key: KEY`` (Azure) or
+``x-api-key: KEY`` (Anthropic, passed in ``api_key`` by the Message Batches routes) -> project."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class Authenticator:
             candidates.append(api_key.strip())
         if not candidates:
             raise AuthenticationFailed(
-                "Missing API key: send it as 'Authorization: Bearer KEY' or 'api-key: KEY'.",
+                "Missing API key: send it as 'Authorization: Bearer KEY', 'api-key: KEY' "
+                "or 'x-api-key: KEY'.",
                 code="missing_api_key",
             )
         projects = {p for p in map(self._lookup, candidates) if p is not None}

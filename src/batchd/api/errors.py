@@ -1,10 +1,12 @@
 """The OpenAI error envelope, for every error the HTTP API returns.
 
-``{"error": {"message", "type", "param", "code"}}``. Final client errors carry
-``x-should-retry: false`` so that the SDK does not retry them (it retries 408, 409, 429, 5xx);
-a 408 (the body stopped arriving) and a 429 may be retried. A message is at most
-:data:`MAX_MESSAGE` characters and a param :data:`MAX_PARAM`, whatever a client sent. A 405
-names in ``Allow`` every method the path has (RFC 9110 §15.5.6), not only one route's.
+``{"error": {"message", "type", "param", "code"}}``; on Anthropic's Message Batches paths
+(``/v1/messages/...``) Anthropic's ``{"type": "error", "error": {"type", "message"}}``.
+Final client errors carry ``x-should-retry: false`` so that the SDK does not retry them
+(it retries 408, 409, 429, 5xx); a 408 (the body stopped arriving) and a 429 may be
+retried. A message is at most :data:`MAX_MESSAGE` characters and a param
+:data:`MAX_PARAM`, whatever a client sent. A 405 names in ``Allow``
+every method the path has (RFC 9110 §15.5.6), not only one route's.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from starlette.responses import Response
 from starlette.routing import compile_path
 
 from batchd.errors import ApiError
+from batchd.service.messages_format import error_envelope
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1000
 MAX_PARAM = 128
 RETRYABLE = frozenset({408, 429})
+ANTHROPIC_PREFIX = "/v1/messages"  # Anthropic's Message Batches: its error envelope
 
 _TYPES = {
     400: "invalid_request_error",
@@ -70,21 +74,55 @@ def error_response(
     )
 
 
-async def _api_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return error_response(
-        exc.status_code, exc.message, type_=exc.error_type, code=exc.code, param=exc.param
+def anthropic_error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    """Anthropic's envelope ``{"type": "error", "error": {"type", "message"}}`` (the
+    Message Batches routes), with the same ``x-should-retry`` rule as above."""
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "…"
+    h = dict(headers or {})
+    if 400 <= status < 500 and status not in RETRYABLE:
+        h["x-should-retry"] = "false"
+    return Response(
+        orjson.dumps(error_envelope(status, message)),
+        status_code=status,
+        media_type="application/json",
+        headers=h,
     )
 
 
-async def _validation_error(_: Request, exc: Exception) -> Response:
+def _respond(
+    request: Request,
+    status: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """The error in the envelope of the API the path belongs to."""
+    if request.url.path.startswith(ANTHROPIC_PREFIX):
+        return anthropic_error_response(status, message, headers)
+    return error_response(status, message, type_=type_, code=code, param=param, headers=headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _respond(
+        request, exc.status_code, exc.message, type_=exc.error_type, code=exc.code, param=exc.param
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body", "header")]
     param = ".".join(loc) or None
     msg = first.get("msg", "Invalid request")
-    return error_response(
-        400, f"Invalid parameter {param}: {msg}", code="invalid_value", param=param
+    return _respond(
+        request, 400, f"Invalid parameter {param}: {msg}", code="invalid_value", param=param
     )
 
 
@@ -118,22 +156,23 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         allow = table.allowed(request.url.path)
         headers["Allow"] = ", ".join(allow)
         message = f"Method {request.method[:16]} not allowed here; allowed: {', '.join(allow)}."
-    return error_response(exc.status_code, message, code=code, headers=headers)
+    return _respond(request, exc.status_code, message, code=code, headers=headers)
 
 
 async def _disconnected(request: Request, exc: Exception) -> Response:
     """The client went away before its body ended: nothing to answer (the upload was
     aborted by its handler); not an error of the server."""
     log.info("client disconnected during %s %s", request.method, request.url.path)
-    return error_response(
-        400, "The client disconnected before the request body ended.", code="incomplete_body"
+    return _respond(
+        request, 400, "The client disconnected before the request body ended.",
+        code="incomplete_body",
     )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(
-        500, "The server had an error processing your request.", code="server_error"
+    return _respond(
+        request, 500, "The server had an error processing your request.", code="server_error"
     )
 
 

@@ -107,6 +107,51 @@ class UsageList(_Open):
     data: list[UsageRow]
 
 
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    """Anthropic's error envelope, the body of every error on ``/v1/messages/batches``."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+class MessageBatchCounts(_Open):
+    processing: int
+    succeeded: int
+    errored: int
+    canceled: int
+    expired: int
+
+
+class MessageBatchObject(_Open):
+    id: str
+    type: Literal["message_batch"]
+    processing_status: Literal["in_progress", "canceling", "ended"]
+    request_counts: MessageBatchCounts
+    created_at: str
+    ended_at: str | None
+    expires_at: str
+    cancel_initiated_at: str | None
+    archived_at: str | None
+    results_url: str | None
+
+
+class MessageBatchList(_Open):
+    data: list[MessageBatchObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class DeletedMessageBatch(_Open):
+    id: str
+    type: Literal["message_batch_deleted"]
+
+
 _WHY = {
     400: "Invalid request: a parameter, the body or its content type",
     401: "No API key, or an unknown one",
@@ -129,6 +174,16 @@ def responses(
         out[200] = {"description": "OK", "content": ok_content}
     for status in (401, *statuses):
         out[status] = {"model": Error, "description": _WHY[status]}
+    return out
+
+
+def anthropic_responses(
+    ok: type[BaseModel] | None, *statuses: int, ok_content: dict[str, Any] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """:func:`responses` for the Message Batches routes: errors in Anthropic's envelope."""
+    out = responses(ok, *statuses, ok_content=ok_content)
+    for status in (401, *statuses):
+        out[status]["model"] = AnthropicError
     return out
 
 

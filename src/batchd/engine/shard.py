@@ -99,33 +99,24 @@ class Route:
         """One attempt, holding one of the deployment's slots for its length (taken per
         request, fairly between the projects and batches that wait for one)."""
         limiter = self.limiter
-        if limiter.adaptive is not None:
-            return await self._send_measured(endpoint, body, tokens, project, batch, time_limit)
-        if not limiter.try_acquire(project, batch):
-            await limiter.acquire(tokens, project, batch)
-        try:
-            if limiter.paused_until and limiter.pause_left() > 0:
-                return _paused(limiter)
-            return await self.meter.send(self.backend, endpoint, body, time_limit)
-        finally:
-            limiter.release(project, batch)
-
-    async def _send_measured(
-        self,
-        endpoint: str,
-        body: bytes,
-        tokens: int,
-        project: str,
-        batch: str,
-        time_limit: float,
-    ) -> UpstreamResponse:
-        """:meth:`send` for an adaptive limit: each answer's latency and status feed it."""
-        limiter = self.limiter
         if not limiter.try_acquire(project, batch):
             await limiter.acquire(tokens, project, batch)
         if limiter.paused_until and limiter.pause_left() > 0:
             limiter.release(project, batch)
             return _paused(limiter)
+        if limiter.adaptive is not None:
+            return await self._send_measured(endpoint, body, project, batch, time_limit)
+        try:
+            return await self.meter.send(self.backend, endpoint, body, time_limit)
+        finally:
+            limiter.release(project, batch)
+
+    async def _send_measured(
+        self, endpoint: str, body: bytes, project: str, batch: str, time_limit: float
+    ) -> UpstreamResponse:
+        """The rest of :meth:`send` for an adaptive limit (the slot is held): each answer's
+        latency and status feed the limit."""
+        limiter = self.limiter
         in_flight = limiter.in_flight
         started = time.monotonic()
         status = 0

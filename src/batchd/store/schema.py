@@ -171,3 +171,23 @@ leases = Table(
     Column("owner", String(64), nullable=False),
     Column("until", Float, nullable=False),
 )
+
+# Anthropic's Message Batches: each is one batch of the project (its requests translated to
+# chat completions); ``counts`` (JSON) are the final request counts, kept once it ended.
+message_batches = Table(
+    "message_batches",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project", String(255), nullable=False),
+    Column(
+        "batch_id",
+        String(64),
+        ForeignKey("batches.id", ondelete="CASCADE"),
+        nullable=False,
+        unique=True,
+    ),
+    Column("created_at", BigInteger, nullable=False),
+    Column("deleted_at", BigInteger, nullable=True),
+    Column("counts", LargeBinary, nullable=True),
+    Index("ix_message_batches_project_id", "project", "id"),
+)

@@ -47,6 +47,16 @@ from batchd.store.schema import batches, deployment_slots, events, files, parts,
 from batchd.store.slots import SlotDemand, SlotGrant
 
 UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
+def _held(claim: ShardClaim) -> Any:
+    """The claimed shard, while the claim's token still holds it (the fence)."""
+    return and_(
+        shards.c.batch_id == claim.batch_id,
+        shards.c.idx == claim.idx,
+        shards.c.token == claim.token,
+        shards.c.status == SHARD_PENDING,
+    )
+
+
 def _finalising(batch_id: str, owner: str) -> Any:
     """The batch, while ``owner`` holds its finalising lease and it has not ended."""
     return and_(
@@ -759,12 +769,7 @@ class Store:
         async with self._write() as conn:
             res = await conn.execute(
                 update(shards)
-                .where(
-                    shards.c.batch_id == claim.batch_id,
-                    shards.c.idx == claim.idx,
-                    shards.c.token == claim.token,
-                    shards.c.status == SHARD_PENDING,
-                )
+                .where(_held(claim))
                 .values(lease_owner=None, lease_until=None, not_before=not_before)
             )
             return bool(res.rowcount)
@@ -816,14 +821,7 @@ class Store:
                 elif ck.release:
                     values.update(lease_owner=None, lease_until=None, not_before=ck.not_before)
                 res = await conn.execute(
-                    update(shards)
-                    .where(
-                        shards.c.batch_id == claim.batch_id,
-                        shards.c.idx == claim.idx,
-                        shards.c.token == claim.token,
-                        shards.c.status == SHARD_PENDING,
-                    )
-                    .values(**values)
+                    update(shards).where(_held(claim)).values(**values)
                 )
                 if not res.rowcount:
                     lost.append((claim.batch_id, claim.idx))

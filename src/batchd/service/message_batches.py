@@ -1,0 +1,310 @@
+"""Anthropic's Message Batches: create, read, list, cancel, delete and results.
+
+A message batch is an adapter over one ordinary batch of the project: its inline requests are
+checked, translated to chat completions (``service/messages_format.py``) and stored as the
+batch's input file (``msgbatch_ID.jsonl``, purpose ``batch``), and the batch is created through
+:class:`BatchService`, so the same engine, deployments, quotas, fair shares and limits apply.
+The message batch's id is the batch's with the prefix ``msgbatch_`` instead of ``batch_``.
+Results are rendered at read time from the batch's output and error files, one Anthropic
+result line per line. Limits (Anthropic's): ``anthropic.max_requests`` requests (100,000),
+``anthropic.max_batch_bytes`` of create body (256 MB), results readable for
+``anthropic.results_retention_seconds`` after creation (29 days), then archived.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from batchd.config import Settings
+from batchd.errors import ApiError, InvalidRequest, NotFound, TooLarge, excerpt
+from batchd.models import (
+    API_ANTHROPIC,
+    CANCELLING,
+    FAILED,
+    PURPOSE_BATCH,
+    BatchRecord,
+    now,
+)
+from batchd.service.batches import BatchService
+from batchd.service.files import FileService
+from batchd.service.messages_format import chat_body, result_line
+from batchd.store.message_batches import MessageBatchRow, MessageBatchStore
+
+PREFIX = "msgbatch_"
+_CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}", re.ASCII)
+_WRITE_CHUNK = 1024 * 1024
+
+
+def batch_id_of(mb_id: str) -> str:
+    return "batch_" + mb_id.removeprefix(PREFIX)
+
+
+def rfc3339(ts: int | None) -> str | None:
+    """Unix seconds as an RFC 3339 UTC time (``2026-12-01T10:00:00Z``)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def ended_at(rec: BatchRecord) -> int | None:
+    return rec.completed_at or rec.cancelled_at or rec.expired_at or rec.failed_at
+
+
+def _not_found(mb_id: str) -> NotFound:
+    return NotFound(
+        f"No such message batch: {excerpt(mb_id, quote=False)}",
+        code="not_found",
+        param="message_batch_id",
+    )
+
+
+def jsonl_of(requests: Any, max_requests: int) -> tuple[bytes, str]:
+    """The batch input (chat completions JSONL) for a create body's ``requests``, and the one
+    model it uses. Raises :class:`InvalidRequest` naming ``requests.N.<field>``."""
+    if not isinstance(requests, list) or not requests:
+        raise InvalidRequest("requests: expected a non-empty list.", param="requests")
+    if len(requests) > max_requests:
+        raise InvalidRequest(
+            f"requests: {len(requests)} requests; at most {max_requests} per batch.",
+            param="requests",
+        )
+    seen: set[str] = set()
+    models: set[str] = set()
+    lines = []
+    for i, item in enumerate(requests):
+        where = f"requests.{i}"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{where}: expected {{custom_id, params}}.", param=where)
+        custom_id = item.get("custom_id")
+        if not isinstance(custom_id, str) or not _CUSTOM_ID.fullmatch(custom_id):
+            raise InvalidRequest(
+                f"{where}.custom_id: 1 to 64 letters, digits, '_' or '-'.",
+                param=f"{where}.custom_id",
+            )
+        if custom_id in seen:
+            raise InvalidRequest(
+                f"{where}.custom_id: {custom_id!r} is used more than once.",
+                param=f"{where}.custom_id",
+            )
+        seen.add(custom_id)
+        try:
+            body = chat_body(item.get("params"))
+        except InvalidRequest as exc:
+            field = f"{where}.params.{exc.param}" if exc.param != "params" else f"{where}.params"
+            raise InvalidRequest(f"{where}.params.{exc.message}", param=field) from None
+        models.add(body["model"])
+        line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                "body": body}
+        lines.append(orjson.dumps(line))
+    if len(models) > 1:
+        raise InvalidRequest(
+            f"requests use {len(models)} models; batchd runs one model per message batch.",
+            param="requests",
+        )
+    return b"\n".join(lines) + b"\n", models.pop()
+
+
+class MessageBatchService:
+    def __init__(
+        self,
+        settings: Settings,
+        files: FileService,
+        batches: BatchService,
+        store: MessageBatchStore,
+    ) -> None:
+        self._settings = settings.anthropic
+        self._files = files
+        self._batches = batches
+        self._store = store
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self._settings.max_batch_bytes
+
+    # -- create --------------------------------------------------------------------
+    async def create(self, project: str, requests: Any) -> tuple[MessageBatchRow, BatchRecord]:
+        """Check and translate the requests, store them as a batch input, create the batch.
+        A batch whose input the engine refuses (no deployment serves the model, a quota) is
+        a 400 naming the first problem, and nothing of it stays listed."""
+        data, _ = jsonl_of(requests, self._settings.max_requests)
+        retention = self._settings.results_retention_seconds
+        upload = self._files.begin_upload("message_batch.jsonl")
+        try:
+            for start in range(0, len(data), _WRITE_CHUNK):
+                await upload.write(data[start : start + _WRITE_CHUNK])
+            file = await self._files.finish_upload(
+                project, upload, purpose=PURPOSE_BATCH, expires_after=retention
+            )
+        except TooLarge:
+            await upload.writer.abort()
+            raise TooLarge(
+                f"The translated requests are larger than limits.max_file_bytes "
+                f"({self._files.max_file_bytes} bytes).",
+                code="request_too_large",
+            ) from None
+        except BaseException:
+            await upload.writer.abort()
+            raise
+        try:
+            rec = await self._batches.create(
+                project,
+                input_file_id=file.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                output_expires_after={"anchor": "created_at", "seconds": retention},
+                api=API_ANTHROPIC,
+            )
+        except ApiError:
+            await self._files.delete(project, file.id)
+            raise
+        if rec.status == FAILED:
+            await self._files.delete(project, file.id)
+            first = rec.errors[0].message if rec.errors else "The batch could not start."
+            raise InvalidRequest(first, code=rec.errors[0].code if rec.errors else None)
+        row = MessageBatchRow(
+            id=PREFIX + rec.id.removeprefix("batch_"),
+            project=project,
+            batch_id=rec.id,
+            created_at=rec.created_at,
+        )
+        await self._store.insert(row)
+        return row, rec
+
+    # -- read ----------------------------------------------------------------------
+    async def get(self, project: str, mb_id: str) -> tuple[MessageBatchRow, BatchRecord]:
+        found = await self._store.get(project, mb_id) if mb_id.startswith(PREFIX) else None
+        if found is None:
+            raise _not_found(mb_id)
+        return found
+
+    async def list(
+        self, project: str, *, limit: int, after: str | None, before: str | None
+    ) -> tuple[list[tuple[MessageBatchRow, BatchRecord]], bool]:
+        return await self._store.list(project, limit=limit, after=after, before=before)
+
+    async def cancel(self, project: str, mb_id: str) -> tuple[MessageBatchRow, BatchRecord]:
+        row, _ = await self.get(project, mb_id)
+        rec = await self._batches.cancel(project, row.batch_id)
+        return row, rec
+
+    async def delete(self, project: str, mb_id: str) -> None:
+        """Delete an ended message batch and its files (input, output, error)."""
+        _, rec = await self.get(project, mb_id)
+        if not rec.ended:
+            raise InvalidRequest(
+                "A message batch can be deleted once it has ended; cancel it first.",
+                code="batch_not_ended",
+            )
+        if not await self._store.mark_deleted(project, mb_id, now()):
+            raise _not_found(mb_id)
+        for file_id in (rec.input_file_id, rec.output_file_id, rec.error_file_id):
+            if file_id is not None:
+                try:
+                    await self._files.delete(project, file_id)
+                except NotFound:
+                    pass  # deleted by its owner already, or never made
+
+    # -- the wire shape ------------------------------------------------------------
+    def archived_at(self, rec: BatchRecord) -> int | None:
+        at = rec.created_at + self._settings.results_retention_seconds
+        return at if rec.ended and now() >= at else None
+
+    async def counts(self, row: MessageBatchRow, rec: BatchRecord) -> dict[str, int]:
+        """``request_counts``: live while it runs (``processing`` what has no result yet);
+        once it ended, from its result files, counted once and kept."""
+        if not rec.ended:
+            done = rec.completed + rec.failed
+            return {
+                "processing": max(rec.total - done, 0),
+                "succeeded": rec.completed,
+                "errored": rec.failed,
+                "canceled": 0,
+                "expired": 0,
+            }
+        if row.counts is not None:
+            return {"processing": 0, **row.counts}
+        counts = {"succeeded": rec.completed, "errored": 0, "canceled": 0, "expired": 0}
+        if rec.status == FAILED:
+            counts["errored"] = rec.total
+        async for line in self._error_lines(row.project, rec):
+            kind = line["result"]["type"]
+            counts[kind if kind in ("canceled", "expired") else "errored"] += 1
+        await self._store.keep_counts(row.id, counts)
+        return {"processing": 0, **counts}
+
+    async def to_wire(
+        self, row: MessageBatchRow, rec: BatchRecord, base_url: str
+    ) -> dict[str, Any]:
+        """The MessageBatch object (the ``anthropic`` SDK's ``MessageBatch``)."""
+        archived = self.archived_at(rec)
+        if rec.ended:
+            status = "ended"
+        elif rec.status == CANCELLING or rec.cancelling_at is not None:
+            status = "canceling"
+        else:
+            status = "in_progress"
+        results = None
+        if rec.ended and archived is None:
+            results = f"{base_url.rstrip('/')}/v1/messages/batches/{row.id}/results"
+        return {
+            "id": row.id,
+            "type": "message_batch",
+            "processing_status": status,
+            "request_counts": await self.counts(row, rec),
+            "created_at": rfc3339(rec.created_at),
+            "ended_at": rfc3339(ended_at(rec)),
+            "expires_at": rfc3339(rec.expires_at),
+            "cancel_initiated_at": rfc3339(rec.cancelling_at),
+            "archived_at": rfc3339(archived),
+            "results_url": results,
+        }
+
+    # -- results -------------------------------------------------------------------
+    async def results(self, project: str, mb_id: str) -> AsyncIterator[bytes]:
+        """The result lines (JSONL, the ``anthropic`` SDK's ``MessageBatchIndividualResponse``)
+        of an ended, unarchived message batch: its successes, then everything else."""
+        row, rec = await self.get(project, mb_id)
+        if not rec.ended:
+            raise InvalidRequest(
+                "The message batch is still processing: results exist once it has ended.",
+                code="batch_not_ended",
+            )
+        if self.archived_at(rec) is not None:
+            raise NotFound(
+                f"The results of {row.id} are archived (kept "
+                f"{self._settings.results_retention_seconds} seconds).",
+                code="results_archived",
+            )
+        return self._render(project, rec)
+
+    async def _render(self, project: str, rec: BatchRecord) -> AsyncIterator[bytes]:
+        for file_id in (rec.output_file_id, rec.error_file_id):
+            async for line in self._lines(project, file_id):
+                yield orjson.dumps(result_line(line)) + b"\n"
+
+    async def _error_lines(self, project: str, rec: BatchRecord) -> AsyncIterator[dict[str, Any]]:
+        async for line in self._lines(project, rec.error_file_id):
+            yield result_line(line)
+
+    async def _lines(self, project: str, file_id: str | None) -> AsyncIterator[Any]:
+        """The JSON lines of a result file (none when there is no such file)."""
+        if file_id is None:
+            return
+        try:
+            _, chunks = await self._files.content(project, file_id)
+        except NotFound:
+            return
+        rest = b""
+        async for chunk in chunks:
+            rest += chunk
+            *whole, rest = rest.split(b"\n")
+            for raw in whole:
+                if raw.strip():
+                    yield orjson.loads(raw)
+        if rest.strip():
+            yield orjson.loads(rest)

@@ -1,0 +1,171 @@
+"""Messages params <-> chat completions (service/messages_format.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchd.errors import InvalidRequest
+from batchd.service.messages_format import chat_body, message_of, result_line
+
+
+def test_params_become_a_chat_body_with_tools() -> None:
+    body = chat_body(
+        {
+            "model": "m",
+            "max_tokens": 10,
+            "system": [{"type": "text", "text": "Be brief."}],
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "Looking."},
+                        {"type": "tool_use", "id": "t1", "name": "get", "input": {"city": "Oslo"}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "t1", "content": "4C"},
+                        {"type": "text", "text": "and?"},
+                    ],
+                },
+            ],
+            "stop_sequences": ["###"],
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "top_k": 5,
+            "tools": [{"name": "get", "description": "d", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        }
+    )
+    assert body == {
+        "model": "m",
+        "max_tokens": 10,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "content": "Looking.",
+                "tool_calls": [
+                    {
+                        "id": "t1",
+                        "type": "function",
+                        "function": {"name": "get", "arguments": '{"city":"Oslo"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "t1", "content": "4C"},
+            {"role": "user", "content": "and?"},
+        ],
+        "stop": ["###"],
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "top_k": 5,
+        "tools": [
+            {
+                "type": "function",
+                "function": {"name": "get", "parameters": {"type": "object"}, "description": "d"},
+            }
+        ],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        (
+            {"model": "m", "max_tokens": 1, "messages": [{"role": "system", "content": "x"}]},
+            "messages.0.role",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": "x"}],
+                "temperature": 2,
+            },
+            "temperature",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+            },
+            "stream",
+        ),
+    ],
+)
+def test_bad_params_name_the_field(params: dict[str, object], param: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        chat_body(params)
+    assert err.value.param == param
+
+
+def test_a_tool_call_answer_becomes_tool_use_blocks() -> None:
+    msg = message_of(
+        {
+            "model": "m",
+            "choices": [
+                {
+                    "message": {
+                        "content": None,
+                        "tool_calls": [
+                            {"id": "c1", "function": {"name": "get", "arguments": '{"a":1}'}}
+                        ],
+                    },
+                    "finish_reason": "tool_calls",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 7,
+                "completion_tokens": 2,
+                "prompt_tokens_details": {"cached_tokens": 4},
+            },
+        },
+        "msg_1",
+    )
+    assert msg["content"] == [{"type": "tool_use", "id": "c1", "name": "get", "input": {"a": 1}}]
+    assert msg["stop_reason"] == "tool_use"
+    assert msg["usage"] == {
+        "input_tokens": 7,
+        "output_tokens": 2,
+        "cache_read_input_tokens": 4,
+        "cache_creation_input_tokens": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("choice", "reason", "sequence"),
+    [
+        ({"finish_reason": "stop", "stop_reason": "###"}, "stop_sequence", "###"),
+        ({"finish_reason": "stop", "stop_reason": None}, "end_turn", None),
+        ({"finish_reason": "length"}, "max_tokens", None),
+    ],
+)
+def test_stop_reasons(choice: dict[str, object], reason: str, sequence: str | None) -> None:
+    msg = message_of({"choices": [{"message": {"content": "hi"}, **choice}]}, "msg_1")
+    assert (msg["stop_reason"], msg["stop_sequence"]) == (reason, sequence)
+
+
+def test_unexecuted_and_transport_failures() -> None:
+    cancelled = {
+        "custom_id": "a",
+        "response": None,
+        "error": {"code": "batch_cancelled", "message": "x"},
+    }
+    assert result_line(cancelled) == {"custom_id": "a", "result": {"type": "canceled"}}
+    timeout = {
+        "custom_id": "b",
+        "response": {"status_code": 504, "body": {"error": {"message": "upstream timed out"}}},
+        "error": None,
+    }
+    assert result_line(timeout)["result"]["error"] == {
+        "type": "error",
+        "error": {"type": "timeout_error", "message": "upstream timed out"},
+    }
