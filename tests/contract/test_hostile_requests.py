@@ -390,15 +390,16 @@ def test_openapi_lists_every_status(server: Server) -> None:
     assert "422" not in json.dumps(doc["paths"]) and "HTTPValidationError" not in json.dumps(doc)
     error_ref = {"$ref": "#/components/schemas/Error"}
     want = {
-        ("post", "/v1/files"): {"200", "400", "401", "408", "413"},
+        ("post", "/v1/files"): {"200", "400", "401", "408", "409", "413"},
         ("get", "/v1/files"): {"200", "400", "401"},
         ("get", "/v1/files/{file_id}"): {"200", "401", "404"},
         ("delete", "/v1/files/{file_id}"): {"200", "401", "404"},
         ("get", "/v1/files/{file_id}/content"): {"200", "206", "401", "404", "416"},
-        ("post", "/v1/batches"): {"200", "400", "401", "404", "408", "413"},
+        ("post", "/v1/batches"): {"200", "400", "401", "404", "408", "409", "413"},
         ("get", "/v1/batches"): {"200", "400", "401"},
         ("get", "/v1/batches/{batch_id}"): {"200", "401", "404"},
         ("post", "/v1/batches/{batch_id}/cancel"): {"200", "401", "404", "409"},
+        ("get", "/v1/usage"): {"200", "401"},
     }
     for (method, path), statuses in want.items():
         op = doc["paths"][path][method]

@@ -134,16 +134,17 @@ async def test_a_batch_that_fails_to_start_never_stops_the_others(
     assert "OverflowError" in failed.errors[0].message
     assert await store.validating_batches() == []
     # the sweep's other steps run although one raises
-    async def boom(_: int) -> int:
+    async def boom(*_: int) -> int:
         raise RuntimeError("expiry broke")
 
     collected: list[str] = []
 
-    async def collect() -> None:
+    async def collect(*_: int) -> list[Any]:
         collected.append("ran")
+        return []
 
     monkeypatch.setattr(store, "expire_files", boom)
-    monkeypatch.setattr(engine, "_collect_deleted", collect)
+    monkeypatch.setattr(store, "deleted_files_unreferenced", collect)
     await engine.sweep()
     assert collected == ["ran"]
 

@@ -58,16 +58,24 @@ class Reaper:
         ):
             return False
         at = now()
+        for step in (self._expire(at), self._collect(), self._keys.forget_lapsed(at)):
+            try:  # each step on its own: one that fails never stops the others
+                await step
+            except Exception:
+                log.exception("retention step failed; it runs again at the next pass")
+        return True
+
+    async def _expire(self, at: int) -> None:
         expired = await self._store.expire_files(at, self._batch)
         if expired:
             log.info("retention: %d files expired", expired)
+
+    async def _collect(self) -> None:
         for rec in await self._store.deleted_files_unreferenced(self._batch):
             try:
                 await self._files.collect_if_unused(rec)
             except Exception:
                 log.exception("file %s: removing its bytes failed; tried again later", rec.id)
-        await self._keys.forget_lapsed(at)
-        return True
 
     async def release(self) -> None:
         """Give the lease up (a clean stop), so that another process takes over at once."""
