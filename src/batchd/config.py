@@ -118,8 +118,18 @@ class Deployment(_Strict):
                 raise ValueError(f"deployment {self.model!r}: backend 'openai' needs base_url")
             _check_upstream_url(self.model, self.base_url)
             for name, value in self.headers.items():
-                if not _TOKEN.match(name) or any(c in value for c in "\r\n\0"):
-                    raise ValueError(f"deployment {self.model!r}: invalid header {name!r}")
+                if not _TOKEN.match(name) or not _HEADER_VALUE.match(value):
+                    raise ValueError(
+                        f"deployment {self.model!r}: invalid header {name!r} (names are "
+                        "RFC 9110 tokens; values printable ASCII, no line breaks)"
+                    )
+                if self.api_key and name.lower() in ("authorization", "api-key"):
+                    raise ValueError(
+                        f"deployment {self.model!r}: headers.{name} and api_key both send a "
+                        "key; set one of them"
+                    )
+            if self.api_key is not None and not _HEADER_VALUE.match(self.api_key):
+                raise ValueError(f"deployment {self.model!r}: api_key must be printable ASCII")
         if self.backend == "local":
             if not self.local_model:
                 object.__setattr__(self, "local_model", self.model)
@@ -132,6 +142,7 @@ class Deployment(_Strict):
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110)
+_HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")  # what the upstream client sends as is
 
 
 def _check_upstream_url(model: str, url: str) -> None:
@@ -142,13 +153,13 @@ def _check_upstream_url(model: str, url: str) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"deployment {model!r}: base_url {url!r} is not an http(s) URL")
     proxies = urllib.request.getproxies_environment()
-    proxy = proxies.get(parts.scheme)
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
     bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
     if proxy and not bypass(parts.hostname, proxies):
         raise ValueError(
-            f"deployment {model!r}: {parts.scheme.upper()}_PROXY is set and applies to "
-            f"{parts.hostname}, but batchd connects to upstreams directly; add the host to "
-            "NO_PROXY or unset the proxy variable"
+            f"deployment {model!r}: {parts.scheme.upper()}_PROXY (or ALL_PROXY) is set and "
+            f"applies to {parts.hostname}, but batchd connects to upstreams directly; add the "
+            "host to NO_PROXY or unset the proxy variable"
         )
 
 

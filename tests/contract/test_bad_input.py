@@ -463,3 +463,32 @@ def test_bodies_and_queries(server: Server) -> None:
     # After all of it, the server still answers.
     with urllib.request.urlopen(server.url + "/healthz") as resp:
         assert resp.status == 200
+
+
+def test_review_cases_all_listed(c: OpenAI) -> None:
+    """A wrong url beside an invalid JSON line; a model of the wrong type; stream: 0."""
+    rows = [
+        json.dumps(line(cid="ok")).encode(),
+        json.dumps(line(cid="emb", url="/v1/embeddings")).encode(),
+        b"{bad",
+        json.dumps(line(cid="m5", body={"model": 5, "messages": []})).encode(),
+        json.dumps(line(cid="s0", body={"model": "gpt-4o", "messages": [], "stream": 0})).encode(),
+    ]
+    file, batch = create_failed(c, b"\n".join(rows) + b"\n")
+    assert codes(batch) == [
+        ("url_mismatch", 2, "url"),
+        ("invalid_json_line", 3, None),
+        ("invalid_request", 4, "body.model"),
+        ("streaming_unsupported", 5, "body.stream"),
+    ]
+    # the file's own problems (the url is checked against the batch's endpoint)
+    assert file.status_details is not None
+    assert file.status_details.endswith("(3 problems, on lines 3, 4, 5)")
+
+
+def test_a_processed_file_names_its_problems(c: OpenAI) -> None:
+    rows = [json.dumps(line(cid="a")).encode(), json.dumps(line(cid="a")).encode()]
+    file = c.files.create(file=("dup.jsonl", b"\n".join(rows) + b"\n"), purpose="batch")
+    file = c.files.wait_for_processing(file.id, poll_interval=0.1)
+    assert file.status == "processed"
+    assert file.status_details == "Line 2: custom_id 'a' is used more than once."

@@ -62,7 +62,12 @@ def test_backs_off_on_429_and_when_the_server_slows_down() -> None:
         clock.now += 1
         for _ in range(10):
             ctl.on_answer(0.1, 429, 100)
-    assert ctl.current <= 100 * 0.8**3 + 1
+    assert ctl.current == 80  # one cut, then it waits to see the effect
+    for _ in range(ctl.cooldown + 1):
+        clock.now += 1
+        for _ in range(10):
+            ctl.on_answer(0.1, 429, 100)
+    assert ctl.current == 64  # still refused: cut again
     before = ctl.current
     for step in range(20):  # the server's latency doubles, then doubles again
         clock.now += 1
@@ -79,3 +84,18 @@ def test_does_not_grow_while_it_is_not_used() -> None:
         for _ in range(10):
             ctl.on_answer(0.1, 200, 5)  # only 5 in flight: the batch is nearly done
     assert ctl.current == 40
+
+
+def test_random_429s_do_not_drive_the_limit_to_one() -> None:
+    """A quota that refuses 10% of requests whatever the load: the limit holds up."""
+    import random
+
+    rnd = random.Random(7)
+    clock = Clock()
+    ctl = AdaptiveLimit(cap=256, limit=16, clock=clock)
+    for _ in range(400):
+        x = ctl.current
+        for _ in range(x):
+            ctl.on_answer(0.05, 429 if rnd.random() < 0.1 else 200, x)
+        clock.now += 0.05
+    assert ctl.current >= 8

@@ -83,6 +83,18 @@ def test_defaults_serve_the_embedded_models(tmp_path: Path) -> None:
             "headers = { 'bad name' = 'v' }\n",
             "invalid header 'bad name'",
         ),
+        (
+            "[[deployments]]\nmodel = 'm'\nbase_url = 'http://x/v1'\n"
+            "headers = { 'x-team' = '日本' }\n",
+            "invalid header 'x-team'",
+        ),
+        (
+            "[[deployments]]\nmodel = 'm'\nbase_url = 'http://x/v1'\napi_key = 'k'\n"
+            "headers = { 'Authorization' = 'Bearer other' }\n",
+            "headers.Authorization and api_key both send a key",
+        ),
+        ("[[deployments]]\nmodel = 'm'\nbase_url = 'http://x/v1'\napi_key = 'ключ'\n",
+         "api_key must be printable ASCII"),
         ("[[deployments]]\nmodel = 'm'\nbase_url = 'http://x/v1'\nmax_attempts = 0\n",
          "deployments.0.max_attempts"),
     ],
@@ -131,6 +143,6 @@ def test_a_proxy_that_would_apply_is_refused(
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     with pytest.raises(ConfigError) as exc:
         load_settings(path)
-    assert "HTTPS_PROXY is set and applies to api.example" in str(exc.value)
+    assert "HTTPS_PROXY (or ALL_PROXY) is set and applies to api.example" in str(exc.value)
     monkeypatch.setenv("NO_PROXY", "api.example")
     assert load_settings(path).deployments[0].base_url == "https://api.example/v1"

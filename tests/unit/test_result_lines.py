@@ -92,3 +92,11 @@ def test_invalid_utf8_is_repaired_not_dropped() -> None:
     is_output, line, usage = result_line(b'"c"', UpstreamResponse(200, body, "r"))
     assert is_output and usage == Usage(input_tokens=1)
     assert json.loads(line.decode("utf-8"))["response"]["body"]["text"] == "ok \ufffd\ufffd end"
+
+
+def test_huge_usage_is_capped_so_a_batchs_sums_fit() -> None:
+    from batchd.engine.results import MAX_TOKENS_PER_ANSWER
+
+    usage = read_usage({"prompt_tokens": 2**63 - 1, "completion_tokens": 10**29})
+    assert usage.input_tokens == usage.output_tokens == MAX_TOKENS_PER_ANSWER
+    assert 100_000 * MAX_TOKENS_PER_ANSWER < 2**63  # 100,000 such answers still fit

@@ -140,3 +140,36 @@ async def test_cancel_ends_a_wait_at_once() -> None:
     stop.set()
     assert (await task) is None
     assert time.time() - started < 0.2
+
+
+async def test_a_5xx_retry_after_past_the_deadline_is_the_lines_answer() -> None:
+    """Never left undone (the shard would be claimed and the request sent again at once)."""
+    script = Script(status(503, retry_after=999_999_999))
+    result = await run(script, deadline=10)
+    assert isinstance(result, UpstreamResponse) and result.status_code == 503
+    assert script.calls == 1
+
+
+async def test_a_5xx_with_a_long_retry_after_parks_like_a_429() -> None:
+    deployment = Deployment()
+    script = Script(status(503, retry_after=3600))
+    parked = await run(script, deployment=deployment, deadline=7200)
+    assert isinstance(parked, Parked) and script.calls == 1
+    assert deployment.pause_left() > 3500  # the whole deployment waits
+
+
+async def test_a_backoff_past_the_deadline_ends_with_the_last_failure() -> None:
+    result = await run(Script(status(500, retry_after=5)), attempts=10, deadline=3)
+    assert isinstance(result, UpstreamResponse) and result.status_code == 500
+    result = await run(Script(UpstreamTimeout("t"), status(500, retry_after=5)), deadline=3)
+    assert isinstance(result, UpstreamResponse) and result.status_code == 500
+
+
+def test_unreadable_retry_after_headers_are_ignored() -> None:
+    from batchd.backends.base import MAX_RETRY_AFTER, parse_retry_after, retry_after_seconds
+
+    assert parse_retry_after("Mon, 01 Jan 99999999999999999999 00:00:00 GMT") is None
+    assert parse_retry_after("nan") is None and parse_retry_after("1e999") is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("99999999999") == MAX_RETRY_AFTER
+    assert retry_after_seconds("1500", None) == 1.5

@@ -19,6 +19,7 @@ An HTTP answer is never an exception: a 429 or a 500 is an :class:`UpstreamRespo
 from __future__ import annotations
 
 import abc
+import math
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -54,25 +55,29 @@ class UpstreamResponse:
     retry_after: float | None = None  # seconds, from a ``retry-after`` header
 
 
+MAX_RETRY_AFTER = 7 * 86400.0  # a longer wait is read as this long
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """``retry-after`` as seconds or an HTTP date; ``retry-after-ms`` handled by the caller."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError, IndexError):
+            return None  # a header that cannot be read is ignored, never the answer
+    if not math.isfinite(seconds):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
 def retry_after_seconds(retry_after_ms: str | None, retry_after: str | None) -> float | None:
     """The wait an answer asks for: ``retry-after-ms`` (Azure) if valid, else ``retry-after``."""
     if retry_after_ms and retry_after_ms.replace(".", "", 1).isdigit():
-        return float(retry_after_ms) / 1000
+        return min(MAX_RETRY_AFTER, float(retry_after_ms) / 1000)
     return parse_retry_after(retry_after)
 
 

@@ -5,8 +5,10 @@ compares the latency of the last window of requests with the upstream's no-load 
 and moves the limit by their ratio. While latency stays within ``tolerance`` times the
 no-load latency, the limit grows by about ``sqrt(limit)`` a window (the server has room:
 more in flight, more throughput); when latency inflates past it (requests queue on the
-server, so more in flight only adds waiting), the limit shrinks in proportion. A 429 or
-503 in a window cuts it by ``backoff`` (multiplicative decrease). So the limit settles a
+server, so more in flight only adds waiting), the limit shrinks in proportion. A window
+whose answers are 429/503 for at least ``overload_share`` cuts it by ``backoff``
+(multiplicative decrease), then ``cooldown`` windows pass before another cut: a quota that
+refuses a share of requests whatever the load does not drive it to 1. So the limit settles a
 little above the server's capacity, with a short queue there, and a model server that
 also serves interactive traffic keeps its latency within ``tolerance`` of its best.
 
@@ -38,6 +40,8 @@ class AdaptiveLimit:
     window_samples: int = 8  # ... at least this many answers
     probe_every: int = 100  # windows between two measurements of the no-load latency
     slow_start_exit: float = 1.1  # slow start ends once latency rises this much (Hystart)
+    cooldown: int = 5  # windows after a cut by a 429/503 before another
+    overload_share: float = 0.2  # a window with at least this share of 429/503 is a cut
     minimum: int = 1
     clock: Callable[[], float] = time.monotonic
 
@@ -47,7 +51,7 @@ class AdaptiveLimit:
         self.last_latency = 0.0  # seconds: the mean latency of the last window
         self._sum = 0.0
         self._count = 0
-        self._overloaded = False
+        self._dropped = 0  # answers of the window that were 429/503
         self._settling = False  # the window after a doubling: its answers are mostly older
         self._started = self.clock()
         self.windows = 0
@@ -56,6 +60,7 @@ class AdaptiveLimit:
         # Slow start (as TCP's): the limit doubles each window until the latency first
         # inflates or the server refuses, so a big server is reached in a few windows.
         self._slow_start = True
+        self._cooldown = 0
 
     @property
     def current(self) -> int:
@@ -70,7 +75,7 @@ class AdaptiveLimit:
         if self._probing and in_flight > self.current:
             return False  # sent before the probe: its latency says nothing of no load
         if status in OVERLOAD_STATUSES:
-            self._overloaded = True
+            self._dropped += 1
         elif in_flight >= self.current * 0.75:
             self._sum += seconds
             self._count += 1
@@ -79,7 +84,7 @@ class AdaptiveLimit:
         now = self.clock()
         span = self.window_seconds if self.no_load is None else max(0.05, 2 * self.no_load)
         if now - self._started >= span and (
-            self._count >= self.window_samples or self._overloaded
+            self._count + self._dropped >= self.window_samples
         ):
             before = self.current
             self._update()
@@ -98,8 +103,14 @@ class AdaptiveLimit:
         self._since_probe += 1
         if self._since_probe >= self.probe_every:
             self._probing, self._since_probe = True, 0
-        if self._overloaded:
-            limit = limit * self.backoff
+        self._cooldown = max(0, self._cooldown - 1)
+        answers = self._count + self._dropped
+        if answers and self._dropped / answers >= self.overload_share:
+            # One cut, then ``cooldown`` windows (holding) to see its effect: 429s that come
+            # whatever the load (a quota) must not drive the limit down to 1.
+            if not self._cooldown:
+                limit = limit * self.backoff
+                self._cooldown = self.cooldown
             self._slow_start = False
         elif self._count:
             rtt = self.last_latency = self._sum / self._count
@@ -123,4 +134,4 @@ class AdaptiveLimit:
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._sum, self._count, self._overloaded = 0.0, 0, False
+        self._sum, self._count, self._dropped = 0.0, 0, 0

@@ -43,13 +43,19 @@ _line_decoder = msgspec.json.Decoder(_OutputLine)
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 
+# No answer uses more (the longest contexts are ~10**7 tokens); capped so that a batch's sums
+# of 100,000 answers stay far inside the store's 64-bit integers.
+MAX_TOKENS_PER_ANSWER = 2**40
+
+
 def _count(value: Any) -> int:
-    """A token count as sent: an int, a float (truncated), anything else 0."""
+    """A token count as sent: an int, a float (truncated), anything else 0; at most
+    :data:`MAX_TOKENS_PER_ANSWER`."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
     if isinstance(value, float) and not math.isfinite(value):
         return 0
-    return max(0, min(int(value), 2**62))
+    return max(0, min(int(value), MAX_TOKENS_PER_ANSWER))
 
 
 def _field(obj: Any, *names: str) -> Any:

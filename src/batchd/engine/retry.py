@@ -11,9 +11,10 @@
   ``retry-after`` pauses the whole deployment (:class:`Pausable`): every sender of it waits,
   as good clients do. A pause longer than ``park_after`` seconds is not waited out while
   holding the shard: :class:`Parked` tells the shard to let go of its lease until then.
-- A wait that would end past the batch's deadline is not waited for: a 429 answer is then
-  final, other waits give the line up unanswered (``None``: the finaliser writes
-  ``batch_expired``). Cancel ends every wait at once.
+- A wait that would end past the batch's deadline is not waited for: the last answer (or
+  transport failure) is then the line's answer; a deployment pause past it parks the shard
+  until the batch expires. A 5xx whose ``retry-after`` is longer than ``park_after`` pauses
+  the deployment as a 429 does (and still uses up an attempt). Cancel ends every wait.
 - Any other answer (2xx, 4xx, 409 included) is final.
 
 The loop is written out by hand rather than with tenacity's ``AsyncRetrying``: it runs once
@@ -133,8 +134,8 @@ async def send_with_retries(  # noqa: C901 - the policy, one branch per case of 
     ``on_retry`` hears of each failed attempt that is tried again (for metrics).
 
     Returns the final answer, :class:`Parked` when the deployment is paused for longer than
-    ``policy.park_after``, or ``None`` when the request was given up unanswered because the
-    batch was stopped or reached its deadline. Never raises for a failure of the upstream."""
+    ``policy.park_after`` (or past the deadline), or ``None`` when the batch was stopped or
+    its deadline has passed. Never raises for a failure of the upstream."""
     failures = 0
     limited = 0
     while True:
@@ -145,7 +146,7 @@ async def send_with_retries(  # noqa: C901 - the policy, one branch per case of 
             if paused > policy.park_after:
                 return Parked(time.time() + paused)
             if time.time() + paused >= deadline:
-                return None
+                return Parked(time.time() + paused)  # the batch expires meanwhile
             await _sleep(paused, stop)
             continue
         left = deadline - time.time()
@@ -179,10 +180,21 @@ async def send_with_retries(  # noqa: C901 - the policy, one branch per case of 
                 failures += 1
                 if failures >= policy.max_attempts:
                     return resp
-                delay = max(backoff(failures), resp.retry_after or 0.0)
+                retry_after = resp.retry_after
+                if retry_after is not None and retry_after > policy.park_after:
+                    # A long wait asked with a 5xx (503 + retry-after): a deployment pause
+                    # too, so that the line holds no shard meanwhile.
+                    if time.time() + retry_after >= deadline:
+                        return resp
+                    deployment.pause(retry_after)
+                    on_retry(resp)
+                    continue
+                delay = max(backoff(failures), retry_after or 0.0)
             else:
                 return resp
         if time.time() + delay >= deadline:
-            return None
+            # Not waited for: the last failure is the line's answer (never left undone for
+            # the shard to be claimed and the request sent again at once).
+            return failure if isinstance(failure, UpstreamResponse) else transport_failure(failure)
         on_retry(failure)
         await _sleep(delay, stop)

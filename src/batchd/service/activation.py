@@ -48,17 +48,16 @@ class Activator:
             return  # not a checked batch input: refused when the batch was created
         summary = file.summary
         issues = list(summary.issues)
-        if summary.jsonl_ok:
-            issues.extend(
-                ValidationIssue(
-                    "url_mismatch",
-                    f"Line {line}: url {url!r} does not match the batch endpoint "
-                    f"{batch.endpoint!r}.",
-                    line,
-                    "url",
-                )
-                for line, url in mismatched_lines(summary, batch.endpoint)
+        issues.extend(
+            ValidationIssue(
+                "url_mismatch",
+                f"Line {line}: url {url!r} does not match the batch endpoint "
+                f"{batch.endpoint!r}.",
+                line,
+                "url",
             )
+            for line, url in mismatched_lines(summary, batch.endpoint)
+        )
         model = next(iter(summary.models), None)
         deployment = self._settings.deployment_for(model) if model else None
         if model and len(summary.models) == 1 and deployment is None:

@@ -31,7 +31,7 @@ from batchd.models import (
     new_id,
     now,
 )
-from batchd.service.validation import Validator
+from batchd.service.validation import MAX_ISSUES, Validator
 from batchd.store.sql import Store
 from batchd.telemetry.metrics import Metrics
 
@@ -71,15 +71,19 @@ def file_error(summary: FileSummary) -> ValidationIssue | None:
     return next((i for i in summary.issues if i.code in fatal), None)
 
 
-def status_details(summary: FileSummary, fatal: ValidationIssue) -> str:
-    """The first reason a file is not usable, and where its other problems are: "Line 2 is
-    not valid JSON: ... (3 problems, on lines 2, 4, 6)"."""
-    lines = sorted({i.line for i in summary.issues if i.line is not None})
-    count = len(summary.issues)
-    if count <= 1:
-        return fatal.message
+def status_details(summary: FileSummary, fatal: ValidationIssue | None) -> str | None:
+    """Why a file is not usable (``fatal``), or what a batch on it will report, and where:
+    "Line 2 is not valid JSON: ... (3 problems, on lines 2, 4, 6)". None for a clean file."""
+    issues = summary.issues
+    if not issues:
+        return None
+    first = fatal or issues[0]
+    if len(issues) == 1:
+        return first.message
+    count = f"{len(issues)} or more" if len(issues) >= MAX_ISSUES else str(len(issues))
+    lines = sorted({i.line for i in issues if i.line is not None})
     where = ", ".join(str(n) for n in lines[:10]) + (", ..." if len(lines) > 10 else "")
-    return f"{fatal.message} ({count} problems, on lines {where})" if lines else fatal.message
+    return f"{first.message} ({count} problems{', on lines ' + where if lines else ''})"
 
 
 @dataclass(slots=True)
@@ -226,7 +230,7 @@ class FileService:
             status=FILE_ERROR if fatal else FILE_PROCESSED,
             blob_key=input_key(upload.file_id),
             expires_at=created + expires_after if expires_after else None,
-            status_details=status_details(summary, fatal) if summary and fatal else None,
+            status_details=status_details(summary, fatal) if summary else None,
             summary=summary,
         )
         try:

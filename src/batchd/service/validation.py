@@ -355,16 +355,24 @@ class Validator:
         except DECODE_ERRORS:
             self._issue("invalid_request", f"Line {n}: body must be a JSON object.", n, "body")
             return
-        if loose.stream not in (None, False):
+        if not (loose.stream is None or loose.stream is False):  # 0 == False: not a bool
             self._issue(
                 "streaming_unsupported",
                 f"Line {n}: streaming is not supported in a batch.",
                 n,
                 "body.stream",
             )
-        if not isinstance(loose.model, str) or not loose.model:
+        if loose.model is None:
             self._issue(
                 "missing_required_parameter", f"Line {n}: body has no 'model'.", n, "body.model"
+            )
+            return
+        if not isinstance(loose.model, str) or not loose.model:
+            self._issue(
+                "invalid_request",
+                f"Line {n}: body.model must be a non-empty string.",
+                n,
+                "body.model",
             )
             return
         self._remember(self.summary.models, loose.model, n)
