@@ -67,6 +67,7 @@ async def _serve(settings: Settings, host: str, port: int, config: str | None) -
     import uvicorn
 
     from batchd.api.app import create_app
+    from batchd.api.http_protocol import BoundedHttpToolsProtocol
 
     owner = _owner("serve")
     store, blobs = await _open(settings)
@@ -92,7 +93,7 @@ async def _serve(settings: Settings, host: str, port: int, config: str | None) -
         host=host,
         port=port,
         loop="none",
-        http="httptools",
+        http=BoundedHttpToolsProtocol,
         ws="none",  # no WebSocket routes: don't load the websockets package (~0.5 MiB)
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,

@@ -462,3 +462,49 @@ def test_no_5xx_was_logged(server: Server) -> None:
     """Runs last in this module: nothing above made the server log an unhandled error."""
     assert "unhandled error" not in server.proc.output()
     assert "Traceback" not in server.proc.output()
+
+
+def _raw_exchange(server: Server, request: bytes, send_all: bool = True) -> tuple[bytes, float]:
+    """Send raw bytes (stopping at the first error if the server closes), read the answer."""
+    import socket
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(server.url)
+    started = time.monotonic()
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        try:
+            for i in range(0, len(request), 65536):
+                sock.sendall(request[i : i + 65536])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        chunks = []
+        try:
+            while data := sock.recv(65536):
+                chunks.append(data)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks), time.monotonic() - started
+
+
+def test_request_heads_are_bounded(server: Server) -> None:
+    """A 20 MiB header is refused with 431 in OpenAI's shape as it arrives (no quadratic
+    parse, no blocked loop); a malformed request gets a JSON 400, not plain text."""
+    big = b"GET /v1/files HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (20 << 20) + b"\r\n\r\n"
+    answer, seconds = _raw_exchange(server, big)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), head[:100]
+    assert json.loads(body)["error"]["code"] == "headers_too_large"
+    assert seconds < 5
+    many = b"GET /v1/files HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 20_000 + b"\r\n"
+    assert _raw_exchange(server, many)[0].startswith(b"HTTP/1.1 431 ")
+    bad = (
+        b"POST /v1/files HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello"
+    )
+    answer, _ = _raw_exchange(server, bad)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    # the server still answers
+    ok, _ = _raw_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 ")
