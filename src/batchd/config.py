@@ -318,6 +318,10 @@ class Settings(BaseSettings):
     projects: dict[str, ProjectSettings] = Field(default_factory=dict)
     content_filter: ContentFilterSettings = Field(default_factory=ContentFilterSettings)
     anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="without [auth]: Host names answered besides IP addresses and localhost",
+    )
     migrate_on_start: bool = True
     log_level: str = "info"
     data_dir_mode: Annotated[int, BeforeValidator(_octal_mode), AfterValidator(_dir_mode)] = Field(

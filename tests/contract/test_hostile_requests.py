@@ -508,3 +508,36 @@ def test_request_heads_are_bounded(server: Server) -> None:
     # the server still answers
     ok, _ = _raw_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200 ")
+
+
+def test_without_auth_web_pages_and_rebound_names_are_refused(
+    make_server: Callable[..., Server], upstream: Upstream
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    cfg = base_config(upstream)
+    del cfg["auth"]
+    server = make_server(cfg)
+
+    def call(method: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
+        req = urllib.request.Request(server.url + path, method=method, headers=headers)
+        if method == "POST":
+            req.data = b"{}"
+            req.add_header("content-type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
+
+    status, body = call("GET", "/v1/files", {"Host": "attacker.example:8000"})
+    assert (status, body["error"]["code"]) == (403, "host_not_allowed")  # type: ignore[index]
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}):
+        status, body = call("POST", "/v1/batches", headers)
+        assert (status, body["error"]["code"]) == (403, "cross_site_request")  # type: ignore[index]
+    assert call("GET", "/v1/files", {})[0] == 200  # the SDKs and curl send neither header
+    assert call("GET", "/v1/files", {"Host": "localhost:1"})[0] == 200
+    same = {"Sec-Fetch-Site": "same-origin", "Origin": server.url}
+    assert call("POST", "/v1/batches", same)[0] == 400  # reached the API (a bad body)

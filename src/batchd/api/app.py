@@ -23,6 +23,7 @@ from starlette.routing import Route
 from batchd.api import docs, errors, messages, openapi
 from batchd.api.auth import Authenticator
 from batchd.api.bodyguard import BodyGuard
+from batchd.api.local_guard import LocalGuard
 from batchd.api.readiness import Readiness
 from batchd.api.routes import GET, Services, build_router, json_response
 from batchd.blobs.base import Blobs
@@ -105,6 +106,8 @@ def create_app(
     errors.install(app)
     openapi.install(app)
     app.add_middleware(BodyGuard, timeout=settings.limits.body_timeout_seconds)
+    if settings.auth is None:
+        app.add_middleware(LocalGuard, allowed_hosts=settings.allowed_hosts)
     router = build_router()
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix, include_in_schema=prefix == "/v1")
