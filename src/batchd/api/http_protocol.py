@@ -24,11 +24,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = True  # reading a request line and headers
         self._head_bytes = 0
+        self._tail = b""  # the last bytes seen, for a head's end split across chunks
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
+        self._tail = b""
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -36,7 +38,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
-            self._head_bytes += len(data)
+            # Only the head's bytes count: a chunk may hold the head's end and a body.
+            tail = self._tail
+            end = (tail + data).find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else max(0, end + 4 - len(tail))
+            self._tail = (tail + data)[-3:]
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(
                     431,
