@@ -18,7 +18,7 @@ from typing import Any
 
 from batchd import client
 from batchd.config import Settings, load_settings
-from batchd.errors import ConfigError
+from batchd.errors import ConfigError, StoreError
 from batchd.telemetry import logs, multiproc
 
 log = logging.getLogger("batchd")
@@ -378,6 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(_migrate(settings))
     except ConfigError as exc:
         print(f"batchd: {exc}", file=sys.stderr)
+        return 2
+    except (StoreError, OSError) as exc:
+        # The database or the files cannot be reached at start-up: one line, not a traceback.
+        where = "database_url" if isinstance(exc, StoreError) else "database_url/files_url"
+        print(
+            f"batchd: cannot start: {type(exc).__name__}: {exc} (check {where})", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         pass

@@ -133,6 +133,21 @@ def test_serve_refuses_bad_config(tmp_path: Path) -> None:
     assert "deployments.0" in proc.stderr and "base_url" in proc.stderr
 
 
+def test_serve_with_an_unreachable_database_says_so_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('database_url = "postgresql://u:secret-pw@127.0.0.1:1/db"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchd.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "secret-pw" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("batchd: cannot start: ")
+
+
 def test_a_proxy_that_would_apply_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

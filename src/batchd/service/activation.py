@@ -107,11 +107,13 @@ class Activator:
         except QuotaExceeded as exc:  # checked and taken atomically by the store
             of = f"project {batch.project}" if exc.scope == "project" else str(model)
             cap = project_limit if exc.scope == "project" else limit
+            # A deployment's quota is shared by every project: how much of it others use
+            # is theirs to know, so only the project's own quota names what is enqueued.
+            enqueued = f"{exc.used} tokens are enqueued and " if exc.scope == "project" else ""
             issue = ValidationIssue(
                 "token_limit_exceeded",
-                f"Enqueued token limit reached for {of}: {exc.used} tokens are enqueued "
-                f"and this batch needs {tokens}; the limit is {cap}. "
-                "Try again after some batches end.",
+                f"Enqueued token limit reached for {of}: {enqueued}this batch needs {tokens}; "
+                f"the limit is {cap}. Try again after some batches end.",
                 None,
                 None,
             )
