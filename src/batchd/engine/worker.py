@@ -377,7 +377,9 @@ class Engine:
         )
         try:
             if await self._store.fail_started_batch(batch_id, issue, now()):
-                log.error("batch %s failed: %s", batch_id, issue.message)
+                log.error(
+                    "batch %s failed: %s", batch_id, issue.message, extra={"batch_id": batch_id}
+                )
             failures.succeeded(key)
         except Exception:
             log.exception("batch %s: recording its failure failed", batch_id)

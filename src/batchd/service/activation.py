@@ -123,6 +123,7 @@ class Activator:
                 batch.id,
                 batch.project,
                 of,
+                extra=about(batch),
             )
             return
         log.info(

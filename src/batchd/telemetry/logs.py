@@ -115,7 +115,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+            # uvicorn adds ``color_message`` (the message with terminal colour codes)
+            if key not in _STANDARD and not key.startswith("_") and key != "color_message":
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
