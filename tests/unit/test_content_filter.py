@@ -363,7 +363,8 @@ async def test_hook_blocks_a_prompt_and_withholds_an_answer() -> None:
 
 
 async def test_hook_serves_unfiltered_when_the_classifier_fails() -> None:
-    cf = ContentFilter(WordClassifier(), Thresholds(), block=True, timeout=5)
+    """annotate: as Azure, the line is served and says it was not filtered."""
+    cf = ContentFilter(WordClassifier(), Thresholds(), block=False, timeout=5)
     run, sent = _answered("boom")
     result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("boom attack"))
     assert sent == [1] and isinstance(result, tuple) and result[0]
@@ -371,6 +372,17 @@ async def test_hook_serves_unfiltered_when_the_classifier_fails() -> None:
     assert body["prompt_filter_results"][0]["content_filter_results"] == NOT_FILTERED
     assert body["choices"][0]["content_filter_results"] == NOT_FILTERED
     assert body["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_block_fails_closed_when_the_classifier_fails() -> None:
+    """block: a prompt nobody could judge is not sent (a slow-to-judge prompt never passes)."""
+    cf = ContentFilter(WordClassifier(), Thresholds(), block=True, timeout=5)
+    run, sent = _answered("fine")
+    result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("boom attack"))
+    assert sent == [] and isinstance(result, tuple) and not result[0]
+    line = orjson.loads(result[1])
+    assert line["response"]["status_code"] == 503
+    assert line["response"]["body"]["error"]["code"] == "content_filter_error"
 
 
 async def test_hook_passes_other_endpoints_and_error_lines_through() -> None:

@@ -16,9 +16,11 @@ batch goes through :meth:`ContentFilter.execute`:
   dropped); a response becomes ``incomplete`` with ``incomplete_details.reason =
   "content_filter"`` and its message output removed. Usage is kept (the tokens were spent).
 
-When the classifier fails (or takes longer than ``timeout``), the line is served unfiltered
-and annotated with Azure's ``content_filter_error`` object, as Azure does; a warning is
-logged. Error lines (non-2xx answers) are written as they are.
+When the classifier fails (or takes longer than ``timeout``): with ``block``, it fails
+closed (the prompt is not sent: a 503 ``content_filter_error`` line; an unjudged answer is
+withheld); with ``annotate``, the line is served unfiltered and annotated with Azure's
+``content_filter_error`` object, as Azure does. A warning is logged either way. Error lines
+(non-2xx answers) are written as they are.
 
 Classification runs beside the engine: the embedded classifier on its own thread, which
 embeds the texts of every concurrent line in one batch; a deployment through its backend,
@@ -94,6 +96,10 @@ class ContentFilter:
         prompts = prompt_texts(endpoint, payload)
         if self.block:
             found = await self._prompts(prompts)
+            if any(p is not None and a is None for p, a in zip(prompts, found, strict=True)):
+                # Block mode fails closed: a prompt nobody could judge is not sent (else a
+                # prompt made slow to judge on purpose would pass).
+                return False, self._unjudged(custom_id), None
             flagged = [a for a in found if a is not None and self.thresholds.filtered(a)]
             if flagged:
                 return False, self._refusal(custom_id, Assessment.worst(flagged)), None
@@ -127,13 +133,24 @@ class ContentFilter:
             async with asyncio.timeout(self.timeout):
                 found = await self.classifier.classify(texts, replying_to=replying_to)
         except (ClassifierFailed, BackendUnavailable, TimeoutError, OSError) as exc:
-            log.warning("content filter: texts not filtered: %s", exc)
+            log.warning("content filter: texts not judged: %s", repr(exc))
             return [None] * len(texts)
         return list(found)
 
     async def _prompts(self, prompts: list[str | None]) -> list[Assessment | None]:
         judged = iter(await self._classify([p for p in prompts if p is not None]))
         return [next(judged) if p is not None else None for p in prompts]
+
+    def _unjudged(self, custom_id: bytes) -> bytes:
+        error = {
+            "message": "The content filter could not judge this prompt in time, and with "
+            'action = "block" an unjudged prompt is not sent. Try the line again.',
+            "type": "server_error",
+            "param": None,
+            "code": "content_filter_error",
+        }
+        resp = UpstreamResponse(503, orjson.dumps({"error": error}), f"req_{uuid.uuid4().hex}")
+        return result_line(custom_id, resp)[1]
 
     def _refusal(self, custom_id: bytes, assessment: Assessment) -> bytes:
         body = orjson.dumps(blocked_prompt_body(assessment, self.thresholds))
@@ -159,7 +176,7 @@ class ContentFilter:
         context = "\n".join(p for p in prompts if p) or None
         judged = await self._classify(choice_texts(endpoint, body), replying_to=context)
         if endpoint == RESPONSES:
-            if self.block and judged and self._flagged(judged[0]):
+            if self.block and judged and (judged[0] is None or self._flagged(judged[0])):
                 _withhold_response(body)
         else:
             self._annotate(endpoint, body, found, judged)
@@ -182,8 +199,8 @@ class ContentFilter:
             if not isinstance(choice, dict):
                 continue
             choice["content_filter_results"] = results(assessment, self.thresholds)
-            if self.block and self._flagged(assessment):
-                _withhold_choice(endpoint, choice)
+            if self.block and (assessment is None or self._flagged(assessment)):
+                _withhold_choice(endpoint, choice)  # flagged, or not judged: fail closed
 
 
 def _object(body: bytes) -> dict[str, Any] | None:
