@@ -194,3 +194,28 @@ def test_bad_input_is_an_anthropic_error(
     else:
         assert "nope" in body["error"]["message"]
     assert err.value.response.headers["x-should-retry"] == "false"
+
+
+def test_a_batch_over_the_token_quota_reports_every_request_errored(
+    make_server: Any, upstream: Upstream
+) -> None:
+    """The quota is counted after the create has answered: the batch then ends with each
+    request ``errored``, naming the reason (not silently with zero counts)."""
+    from tests.conftest import base_config
+
+    server = make_server(
+        base_config(upstream, projects={"team-a": {"enqueued_token_limit": 50}})
+    )
+    client = anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0)
+    try:
+        batch = client.messages.batches.create(requests=requests(3, max_tokens=100))  # type: ignore[arg-type]
+        ended = wait_ended(client, batch.id)
+        counts = ended.request_counts
+        assert (counts.errored, counts.succeeded, counts.processing) == (3, 0, 0)
+        results = list(client.messages.batches.results(batch.id))
+        assert sorted(r.custom_id for r in results) == ["r-0", "r-1", "r-2"]
+        for r in results:
+            assert r.result.type == "errored"
+            assert "token limit" in r.result.error.error.message.lower()  # type: ignore[union-attr]
+    finally:
+        client.close()

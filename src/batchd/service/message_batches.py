@@ -32,7 +32,7 @@ from batchd.models import (
 )
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
-from batchd.service.messages_format import chat_body, result_line
+from batchd.service.messages_format import chat_body, errored_line, result_line
 from batchd.store.message_batches import MessageBatchRow, MessageBatchStore
 
 PREFIX = "msgbatch_"
@@ -230,7 +230,10 @@ class MessageBatchService:
             return {"processing": 0, **row.counts}
         counts = {"succeeded": rec.completed, "errored": 0, "canceled": 0, "expired": 0}
         if rec.status == FAILED:
-            counts["errored"] = rec.total
+            # refused after the create answered (a token quota is counted then): every
+            # request is errored, with the reason (see _render)
+            async for _ in self._refused(row.project, rec):
+                counts["errored"] += 1
         async for line in self._error_lines(row.project, rec):
             kind = line["result"]["type"]
             counts[kind if kind in ("canceled", "expired") else "errored"] += 1
@@ -283,9 +286,21 @@ class MessageBatchService:
         return self._render(project, rec)
 
     async def _render(self, project: str, rec: BatchRecord) -> AsyncIterator[bytes]:
+        async for line in self._refused(project, rec):
+            yield orjson.dumps(line) + b"\n"
         for file_id in (rec.output_file_id, rec.error_file_id):
             async for line in self._lines(project, file_id):
                 yield orjson.dumps(result_line(line)) + b"\n"
+
+    async def _refused(self, project: str, rec: BatchRecord) -> AsyncIterator[dict[str, Any]]:
+        """For a batch refused as a whole (``failed``: a token quota, say), an ``errored``
+        result for each of its requests, with the reason."""
+        if rec.status != FAILED:
+            return
+        why = rec.errors[0].message if rec.errors else "The batch could not start."
+        async for line in self._lines(project, rec.input_file_id):
+            if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
+                yield errored_line(line["custom_id"], 400, why)
 
     async def _error_lines(self, project: str, rec: BatchRecord) -> AsyncIterator[dict[str, Any]]:
         async for line in self._lines(project, rec.error_file_id):

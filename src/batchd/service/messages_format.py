@@ -358,6 +358,11 @@ def result_line(line: Any) -> dict[str, Any]:
     return _errored(custom_id, status, str(text or f"The model server answered {status}."))
 
 
+def errored_line(custom_id: str, status: int, message: str) -> dict[str, Any]:
+    """A request's ``errored`` result with Anthropic's error envelope."""
+    return _errored(custom_id, status, message)
+
+
 def _errored(custom_id: str, status: int, message: str) -> dict[str, Any]:
     envelope = error_envelope(status, message)
     if envelope["error"]["type"] not in _RESULT_ERROR_TYPES:
