@@ -34,6 +34,7 @@ class ConfigError(BatchdError):
 class ApiError(BatchdError):
     status_code = 400
     error_type = "invalid_request_error"
+    final = True  # a 4xx a client should not send again as it is (``x-should-retry: false``)
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
@@ -60,6 +61,12 @@ class NotFound(ApiError):
 class Conflict(ApiError):
     status_code = 409
     error_type = "invalid_request_error"
+
+
+class InProgress(Conflict):
+    """The same request is still being handled: worth sending again shortly."""
+
+    final = False
 
 
 class TooLarge(ApiError):

@@ -110,9 +110,12 @@ def _respond(
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return _respond(
+    response = _respond(
         request, exc.status_code, exc.message, type_=exc.error_type, code=exc.code, param=exc.param
     )
+    if not exc.final:
+        response.headers["x-should-retry"] = "true"
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from batchd.errors import Conflict, InvalidRequest
+from batchd.errors import Conflict, InProgress, InvalidRequest
 from batchd.models import now
 from batchd.store.keyed import IdempotencyKeys
 
@@ -89,8 +89,9 @@ class Idempotency:
                     param="Idempotency-Key",
                 )
             if waited >= self._wait:
-                raise Conflict(
-                    "A request with this Idempotency-Key is still in progress.",
+                raise InProgress(
+                    "A request with this Idempotency-Key is still in progress; send it again "
+                    "shortly.",
                     code="idempotency_key_in_use",
                     param="Idempotency-Key",
                 )
