@@ -47,6 +47,22 @@ from batchd.store.schema import batches, deployment_slots, events, files, parts,
 from batchd.store.slots import SlotDemand, SlotGrant
 
 UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
+async def _take_quota(
+    conn: AsyncConnection, scope_of: Any, batch_id: str, tokens: int, limit: int, scope: str
+) -> None:
+    """Raise :class:`QuotaExceeded` when the unfinished batches of ``scope_of`` (a model or
+    a project), this one left out, hold so many tokens that ``tokens`` more pass ``limit``."""
+    used = (
+        await conn.execute(
+            select(func.coalesce(func.sum(batches.c.token_estimate), 0)).where(
+                scope_of, batches.c.status.in_(UNFINISHED), batches.c.id != batch_id
+            )
+        )
+    ).scalar_one()
+    if used + tokens > limit:
+        raise QuotaExceeded(f"{used} tokens of {limit}", used=int(used), scope=scope)
+
+
 def _held(claim: ShardClaim) -> Any:
     """The claimed shard, while the claim's token still holds it (the fence)."""
     return and_(
@@ -532,34 +548,16 @@ class Store:
                     token_estimate=token_estimate,
                 )
             )
-            if res.rowcount and checked:
-                used = (
-                    await conn.execute(
-                        select(func.coalesce(func.sum(batches.c.token_estimate), 0)).where(
-                            batches.c.model == model,
-                            batches.c.status.in_(UNFINISHED),
-                            batches.c.id != batch_id,
-                        )
-                    )
-                ).scalar_one()
-                if used + token_estimate > token_limit:  # rolls the move back
-                    raise QuotaExceeded(
-                        f"{used} tokens of {token_limit}", used=int(used), scope="deployment"
-                    )
+            if res.rowcount and checked:  # a QuotaExceeded rolls the move back
+                await _take_quota(
+                    conn, batches.c.model == model, batch_id, token_estimate, token_limit,
+                    "deployment",
+                )
             if res.rowcount and project is not None:
-                used = (
-                    await conn.execute(
-                        select(func.coalesce(func.sum(batches.c.token_estimate), 0)).where(
-                            batches.c.project == project,
-                            batches.c.status.in_(UNFINISHED),
-                            batches.c.id != batch_id,
-                        )
-                    )
-                ).scalar_one()
-                if used + token_estimate > project_token_limit:  # rolls the move back
-                    raise QuotaExceeded(
-                        f"{used} tokens of {project_token_limit}", used=int(used), scope="project"
-                    )
+                await _take_quota(
+                    conn, batches.c.project == project, batch_id, token_estimate,
+                    project_token_limit, "project",
+                )
             if not res.rowcount:
                 res = await conn.execute(
                     update(batches)
