@@ -4,11 +4,13 @@ S3-compatible server (moto) per module."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from batchd.store.connect import migrate, open_store
+from batchd.store.sql import Store
 from tests.support import fresh_database, pg_admin, pg_url, require_postgres, start_moto
 
 
@@ -40,6 +42,25 @@ def pg_database(pg_template: str) -> Iterator[str]:
 def empty_pg_database() -> Iterator[str]:
     with fresh_database("batchd_test") as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store test runs on SQLite and on a fresh, migrated PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'batchd.db'}"
+    url: str = request.getfixturevalue("pg_database")
+    return url
+
+
+@pytest.fixture
+async def replicas(database_url: str) -> AsyncIterator[tuple[Store, Store]]:
+    """Two stores on one database, each with its own connections: two servers."""
+    await migrate(database_url)
+    a, b = open_store(database_url), open_store(database_url)
+    yield a, b
+    await a.close()
+    await b.close()
 
 
 @pytest.fixture(scope="module")

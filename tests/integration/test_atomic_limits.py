@@ -5,7 +5,6 @@ only once its create succeeded."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,26 +24,8 @@ from batchd.models import (
 )
 from batchd.service.activation import Activator
 from batchd.service.batches import BatchService
-from batchd.store.connect import migrate, open_store
+from batchd.store.connect import migrate
 from batchd.store.sql import Store
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'batchd.db'}"
-    url: str = request.getfixturevalue("pg_database")
-    return url
-
-
-@pytest.fixture
-async def replicas(database_url: str) -> AsyncIterator[tuple[Store, Store]]:
-    """Two stores on one database, each with its own connections: two servers."""
-    await migrate(database_url)
-    a, b = open_store(database_url), open_store(database_url)
-    yield a, b
-    await a.close()
-    await b.close()
 
 
 def file_rec(project: str = "p", summary: FileSummary | None = None) -> FileRecord:

@@ -4,31 +4,9 @@ SQLite and PostgreSQL (issue 12 items 4 and 5)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
-
-from batchd.store.connect import migrate, open_store
 from batchd.store.keyed import IdempotencyKeys, Leases
 from batchd.store.sql import Store
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'batchd.db'}"
-    url: str = request.getfixturevalue("pg_database")
-    return url
-
-
-@pytest.fixture
-async def replicas(database_url: str) -> AsyncIterator[tuple[Store, Store]]:
-    await migrate(database_url)
-    a, b = open_store(database_url), open_store(database_url)
-    yield a, b
-    await a.close()
-    await b.close()
 
 
 async def test_one_of_many_concurrent_claims_wins(replicas: tuple[Store, Store]) -> None:

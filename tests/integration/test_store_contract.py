@@ -39,14 +39,6 @@ FAR = 10**10  # a deadline that never comes
 T0 = 1_000.0  # lease clock of the tests
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'batchd.db'}"
-    url: str = request.getfixturevalue("pg_database")
-    return url
-
-
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
     await migrate(database_url)  # a no-op on the migrated PostgreSQL copy: proves it is idempotent
