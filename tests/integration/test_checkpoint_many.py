@@ -7,7 +7,6 @@ from batchd.models import Part, Usage
 from batchd.store.sql import ShardCheckpoint, Store
 from tests.integration.test_store_contract import (  # noqa: F401 - fixtures
     T0,
-    database_url,
     running_batch,
     store,
 )
