@@ -13,11 +13,9 @@ from batchd.blobs.local import LocalBlobs
 from batchd.config import load_settings
 from batchd.errors import QuotaExceeded
 from batchd.models import (
-    FILE_PROCESSED,
     IN_PROGRESS,
     VALIDATING,
     BatchRecord,
-    FileRecord,
     FileSummary,
     ShardSpan,
     new_id,
@@ -26,21 +24,7 @@ from batchd.service.activation import Activator
 from batchd.service.batches import BatchService
 from batchd.store.connect import migrate
 from batchd.store.sql import Store
-
-
-def file_rec(project: str = "p", summary: FileSummary | None = None) -> FileRecord:
-    fid = new_id("file-")
-    return FileRecord(
-        id=fid,
-        project=project,
-        filename="in.jsonl",
-        purpose="batch",
-        bytes=10,
-        created_at=1,
-        status=FILE_PROCESSED,
-        blob_key=f"inputs/{fid}",
-        summary=summary,
-    )
+from tests.integration.test_store_contract import file_rec
 
 
 def batch_rec(project: str = "p") -> BatchRecord:

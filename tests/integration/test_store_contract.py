@@ -48,7 +48,11 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 
 
 def file_rec(
-    project: str = "p", *, fid: str | None = None, status: str = FILE_PROCESSED
+    project: str = "p",
+    summary: FileSummary | None = None,
+    *,
+    fid: str | None = None,
+    status: str = FILE_PROCESSED,
 ) -> FileRecord:
     fid = fid or new_id("file-")
     return FileRecord(
@@ -60,7 +64,7 @@ def file_rec(
         created_at=1,
         status=status,
         blob_key=f"inputs/{fid}",
-        summary=FileSummary(lines=3, issues=[ValidationIssue("c", "m", 2)]),
+        summary=summary or FileSummary(lines=3, issues=[ValidationIssue("c", "m", 2)]),
     )
 
 

@@ -119,16 +119,21 @@ def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert [d.model for d in load_settings(path).effective_deployments()] == ["m"]
 
 
-def test_serve_refuses_bad_config(tmp_path: Path) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text("[[deployments]]\nmodel = 'm'\n")
-    proc = subprocess.run(
+def serve_with(path: Path) -> subprocess.CompletedProcess[str]:
+    """``batchd serve --config PATH`` run until it exits (it must refuse to start)."""
+    return subprocess.run(
         [sys.executable, "-m", "batchd.cli", "serve", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_serve_refuses_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[[deployments]]\nmodel = 'm'\n")
+    proc = serve_with(path)
     assert proc.returncode == 2
     assert "deployments.0" in proc.stderr and "base_url" in proc.stderr
 
@@ -136,13 +141,7 @@ def test_serve_refuses_bad_config(tmp_path: Path) -> None:
 def test_serve_with_an_unreachable_database_says_so_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('database_url = "postgresql://u:secret-pw@127.0.0.1:1/db"\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "batchd.cli", "serve", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = serve_with(path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "secret-pw" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("batchd: cannot start: ")
