@@ -46,6 +46,9 @@ class DeploymentLimiter:
         self._tpm: AsyncLimiter | None = None
         self._tpm_local = 0
         self.paused_until = 0.0  # unix seconds: a ``retry-after`` holds every sender till then
+        # Called when the adaptive limit rises past the leased share while requests wait:
+        # the slot leaser renews at once instead of at its next period (engine/slots.py).
+        self.outgrown: Callable[[], None] | None = None
         self.resize(deployment.concurrency_limit if capacity is None else capacity)
 
     @property
@@ -131,6 +134,13 @@ class DeploymentLimiter:
                 adaptive.last_latency,
             )
             self.resize(self._leased)
+            if (
+                self.outgrown is not None
+                and self._leased < adaptive.current
+                and self._slots.waiting
+                and self._leased < self.max_concurrency
+            ):
+                self.outgrown()
 
     def used_by(self, project: str) -> int:
         """Requests of ``project`` in flight from this process."""
