@@ -39,25 +39,23 @@ LATENCY = 0.1
 CONCURRENCY = 64
 
 
+def with_children(pid: int) -> list[int]:
+    """``pid`` and its children (batchd serve's engine process)."""
+    return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+
+
 def schedstat(pids: list[int]) -> tuple[float, float]:
     """Seconds on a CPU and seconds runnable but waiting for one, summed over the threads of
-    ``pids`` and their children (zeros where ``/proc`` has no schedstat)."""
+    ``pids`` (zeros where ``/proc`` has no schedstat)."""
     on_cpu = waited = 0.0
-    procs: list[psutil.Process] = []
     for pid in pids:
         try:
-            p = psutil.Process(pid)
-            procs += [p, *p.children(recursive=True)]
-        except psutil.Error:
-            continue
-    for p in procs:
-        try:
-            tasks = os.listdir(f"/proc/{p.pid}/task")
+            tasks = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
         for t in tasks:
             try:
-                with open(f"/proc/{p.pid}/task/{t}/schedstat") as f:
+                with open(f"/proc/{pid}/task/{t}/schedstat") as f:
                     run, wait, _ = f.read().split()
             except (OSError, ValueError):
                 continue
@@ -110,7 +108,7 @@ def main() -> int:
         s.upstream.reset()
         with (
             profiled(args.profile, [s.server.proc.proc.pid]),
-            Profile(upstream=upstream, batchd=[s.server.proc.proc.pid]) as profile,
+            Profile(upstream=upstream, batchd=with_children(s.server.proc.proc.pid)) as profile,
         ):
             res = batchd_run(client, data, poll=0.1)
         created = res.wall[1]
