@@ -30,6 +30,7 @@ from batchd.backends.base import (
     UpstreamResponse,
     UpstreamTimeout,
 )
+from batchd.envelopes import openai_error, openai_error_type
 from batchd.errors import ConfigError
 from batchd.localmodel.chat_template import MessageError, default_system_prompt, render_chat
 from batchd.localmodel.minilm import EmbeddingInput, EmbeddingJob, EmbeddingWorker, MiniLM
@@ -89,8 +90,7 @@ def known_local_models() -> tuple[str, ...]:
 def _error(
     status: int, message: str, *, param: str | None = None, code: str | None = None
 ) -> UpstreamResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = openai_error(message, openai_error_type(status), param=param, code=code)
     return UpstreamResponse(status, orjson.dumps(body), _request_id())
 
 

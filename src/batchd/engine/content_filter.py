@@ -64,6 +64,7 @@ from batchd.contentfilter.texts import (
 )
 from batchd.engine.results import result_line
 from batchd.engine.retry import RATE_LIMITED, Parked, backoff, is_retryable
+from batchd.envelopes import openai_error
 from batchd.errors import ConfigError
 from batchd.models import Usage
 
@@ -142,14 +143,13 @@ class ContentFilter:
         return [next(judged) if p is not None else None for p in prompts]
 
     def _unjudged(self, custom_id: bytes) -> bytes:
-        error = {
-            "message": "The content filter could not judge this prompt in time, and with "
+        error = openai_error(
+            "The content filter could not judge this prompt in time, and with "
             'action = "block" an unjudged prompt is not sent. Try the line again.',
-            "type": "server_error",
-            "param": None,
-            "code": "content_filter_error",
-        }
-        resp = UpstreamResponse(503, orjson.dumps({"error": error}), f"req_{uuid.uuid4().hex}")
+            "server_error",
+            code="content_filter_error",
+        )
+        resp = UpstreamResponse(503, orjson.dumps(error), f"req_{uuid.uuid4().hex}")
         return result_line(custom_id, resp)[1]
 
     def _refusal(self, custom_id: bytes, assessment: Assessment) -> bytes:

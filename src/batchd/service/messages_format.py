@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from batchd.envelopes import ANTHROPIC_TYPES, anthropic_error, anthropic_error_type
 from batchd.errors import InvalidRequest
 
 _PARAMS = frozenset(
@@ -299,33 +300,8 @@ def message_of(body: Any, message_id: str) -> dict[str, Any]:
     }
 
 
-# Anthropic's error types by HTTP status (the ``anthropic`` SDK's ``types/shared/``).
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
 # Inside a result line the SDK parses ``error.error`` as one of these only.
-_RESULT_ERROR_TYPES = frozenset(_ERROR_TYPES.values()) - {"request_too_large"}
-
-
-def error_type(status: int) -> str:
-    """Anthropic's error ``type`` for an HTTP status (``api_error`` for any other 5xx,
-    ``invalid_request_error`` for any other 4xx)."""
-    return _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-
-
-def error_envelope(status: int, message: str) -> dict[str, Any]:
-    """Anthropic's error body: ``{"type": "error", "error": {"type", "message"}}``."""
-    error: dict[str, str] = {"type": error_type(status), "message": message}
-    return {"type": "error", "error": error}
+_RESULT_ERROR_TYPES = frozenset(ANTHROPIC_TYPES.values()) - {"request_too_large"}
 
 
 def _object(value: Any) -> dict[str, Any] | None:
@@ -364,7 +340,8 @@ def errored_line(custom_id: str, status: int, message: str) -> dict[str, Any]:
 
 
 def _errored(custom_id: str, status: int, message: str) -> dict[str, Any]:
-    envelope = error_envelope(status, message)
-    if envelope["error"]["type"] not in _RESULT_ERROR_TYPES:
-        envelope["error"]["type"] = "invalid_request_error"
+    type_ = anthropic_error_type(status)
+    if type_ not in _RESULT_ERROR_TYPES:
+        type_ = "invalid_request_error"
+    envelope = anthropic_error(message, type_)
     return {"custom_id": custom_id, "result": {"type": "errored", "error": envelope}}

@@ -46,6 +46,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from batchd.envelopes import openai_error
 from batchd.testing.fake_moderation import guard_verdict, moderation_answer
 
 
@@ -182,7 +183,7 @@ def answer(path: str, body: dict[str, Any], reply: str | None = None) -> dict[st
 
 
 def _error(status: int, message: str, type_: str) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
+    body = openai_error(message, type_)
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
