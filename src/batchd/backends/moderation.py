@@ -24,8 +24,9 @@ from batchd.contentfilter.moderation import moderation_result
 from batchd.envelopes import openai_error
 from batchd.localmodel.requests import MAX_EMBEDDING_INPUTS, BadRequest
 from batchd.localmodel.worker import WorkerClosed
+from batchd.models import MODERATIONS
 
-ENDPOINT = "/v1/moderations"
+ENDPOINT = MODERATIONS
 
 
 def _error(message: str, param: str | None, code: str | None = None) -> UpstreamResponse:

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-RESPONSES = "/v1/responses"
-FILTERED_ENDPOINTS = frozenset({CHAT, COMPLETIONS, RESPONSES})
+from batchd.models import CHAT_COMPLETIONS, COMPLETIONS, RESPONSES
+
+FILTERED_ENDPOINTS = frozenset({CHAT_COMPLETIONS, COMPLETIONS, RESPONSES})
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
 
 
@@ -48,7 +47,7 @@ def prompt_texts(endpoint: str, body: Mapping[str, Any]) -> list[str | None]:
     """The prompts of a request body, in order; ``None`` for a prompt without text (token
     ids). Chat: one prompt, every message. Completions: one a prompt. Responses: one,
     ``instructions`` and every input message. Other endpoints: none."""
-    if endpoint == CHAT:
+    if endpoint == CHAT_COMPLETIONS:
         return [_messages_text(body.get("messages"))]
     if endpoint == COMPLETIONS:
         prompt = body.get("prompt")
@@ -81,13 +80,13 @@ def choice_texts(endpoint: str, body: Mapping[str, Any]) -> list[str]:
             )
         ]
     choices = body.get("choices")
-    if endpoint not in (CHAT, COMPLETIONS) or not isinstance(choices, list):
+    if endpoint not in (CHAT_COMPLETIONS, COMPLETIONS) or not isinstance(choices, list):
         return []
     out = []
     for choice in choices:
         if not isinstance(choice, dict):
             out.append("")
-        elif endpoint == CHAT:
+        elif endpoint == CHAT_COMPLETIONS:
             message = choice.get("message")
             out.append(_content_text(message.get("content")) if isinstance(message, dict) else "")
         else:

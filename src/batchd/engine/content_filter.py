@@ -54,19 +54,12 @@ from batchd.contentfilter.severity import (
     prompt_results,
     results,
 )
-from batchd.contentfilter.texts import (
-    CHAT,
-    COMPLETIONS,
-    FILTERED_ENDPOINTS,
-    RESPONSES,
-    choice_texts,
-    prompt_texts,
-)
+from batchd.contentfilter.texts import FILTERED_ENDPOINTS, choice_texts, prompt_texts
 from batchd.engine.results import result_line
 from batchd.engine.retry import RATE_LIMITED, Parked, backoff, is_retryable
 from batchd.envelopes import openai_error
 from batchd.errors import ConfigError
-from batchd.models import Usage
+from batchd.models import CHAT_COMPLETIONS, COMPLETIONS, RESPONSES, Usage
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +212,7 @@ def _is_output(result: Result) -> TypeGuard[tuple[bool, bytes, Usage | None]]:
 def _withhold_choice(endpoint: str, choice: dict[str, Any]) -> None:
     choice["finish_reason"] = "content_filter"
     choice["logprobs"] = None
-    if endpoint == CHAT:
+    if endpoint == CHAT_COMPLETIONS:
         message = choice.get("message")
         if isinstance(message, dict):
             message["content"] = None
