@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from batchd.models import MESSAGES_ENDPOINT as MESSAGES
+from batchd.models import MESSAGES_ENDPOINT
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
+MESSAGES = MESSAGES_ENDPOINT
 FILTERED_ENDPOINTS = frozenset({CHAT, COMPLETIONS, RESPONSES, MESSAGES})
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
 
