@@ -51,6 +51,7 @@ _KEEP = frozenset(
     (
         b"x-request-id",
         b"apim-request-id",
+        b"request-id",  # Anthropic's
         b"retry-after",
         b"retry-after-ms",
         b"content-encoding",

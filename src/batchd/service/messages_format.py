@@ -335,8 +335,9 @@ _ERROR_TYPES = {
     504: "timeout_error",
     529: "overloaded_error",
 }
-# Inside a result line the SDK parses ``error.error`` as one of these only.
-_RESULT_ERROR_TYPES = frozenset(_ERROR_TYPES.values()) - {"request_too_large"}
+# Inside a result line the SDK parses ``error.error`` as one of these only (its
+# ``ErrorObject`` union): ``api_error`` included, ``request_too_large`` not.
+_RESULT_ERROR_TYPES = frozenset(_ERROR_TYPES.values()) - {"request_too_large"} | {"api_error"}
 
 
 def error_type(status: int) -> str:
