@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from batchd.errors import InvalidRequest
-from batchd.service.messages_format import chat_body, message_of, result_line
+from batchd.results.anthropic import anthropic_line
+from batchd.results.record import Record, RecordError
+from batchd.service.messages_format import chat_body, message_of
 
 
 def test_params_become_a_chat_body_with_tools() -> None:
@@ -154,18 +157,33 @@ def test_stop_reasons(choice: dict[str, object], reason: str, sequence: str | No
 
 
 def test_unexecuted_and_transport_failures() -> None:
-    cancelled = {
-        "custom_id": "a",
-        "response": None,
-        "error": {"code": "batch_cancelled", "message": "x"},
-    }
-    assert result_line(cancelled) == {"custom_id": "a", "result": {"type": "canceled"}}
-    timeout = {
-        "custom_id": "b",
-        "response": {"status_code": 504, "body": {"error": {"message": "upstream timed out"}}},
-        "error": None,
-    }
-    assert result_line(timeout)["result"]["error"] == {
+    cancelled = Record("a", "cancelled", error=RecordError("batch_cancelled", "x"))
+    chat = "/v1/chat/completions"
+    canceled = {"custom_id": "a", "result": {"type": "canceled"}}
+    assert anthropic_line(cancelled, chat, "m") == canceled
+    expired = Record("e", "expired", error=RecordError("batch_expired", "x"))
+    assert anthropic_line(expired, chat, "m")["result"] == {"type": "expired"}
+    timeout = Record(
+        "b", "failed", 504, "r", body=msgspec.Raw(b'{"error":{"message":"upstream timed out"}}')
+    )
+    assert anthropic_line(timeout, chat, "m")["result"]["error"] == {
         "type": "error",
         "error": {"type": "timeout_error", "message": "upstream timed out"},
     }
+    lost = Record("c", "failed", error=RecordError("backend_unavailable", "no route"))
+    assert anthropic_line(lost, chat, "m")["result"]["error"]["error"] == {
+        "type": "invalid_request_error",  # the one of a result line's types for a 500
+        "message": "no route",
+    }
+
+
+def test_succeeded_bodies_by_endpoint() -> None:
+    completion = b'{"model":"m","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}]}'
+    rec = Record("a", "succeeded", 200, "r", body=msgspec.Raw(completion))
+    line = anthropic_line(rec, "/v1/chat/completions", "msg_x_3")
+    assert line["result"]["message"]["id"] == "msg_x_3"
+    assert line["result"]["message"]["content"] == [{"type": "text", "text": "hi"}]
+    message = b'{"id":"msg_up","type":"message","content":[]}'
+    rec = Record("a", "succeeded", 200, "r", body=msgspec.Raw(message))
+    passed = anthropic_line(rec, "/v1/messages", "msg_x_3")["result"]["message"]
+    assert passed == {"id": "msg_up", "type": "message", "content": []}  # as the upstream sent
