@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import msgspec
+import orjson
 import pytest
 
 from batchd.errors import InvalidRequest
-from batchd.service.messages_format import chat_body, message_of, messages_body, result_line
+from batchd.results.anthropic import anthropic_line
+from batchd.results.record import Record, RecordError
+from batchd.service.messages_format import chat_body, message_of, messages_body
 
 
 def test_params_become_a_chat_body_with_tools() -> None:
@@ -154,25 +158,41 @@ def test_stop_reasons(choice: dict[str, object], reason: str, sequence: str | No
 
 
 def test_unexecuted_and_transport_failures() -> None:
-    cancelled = {
-        "custom_id": "a",
-        "response": None,
-        "error": {"code": "batch_cancelled", "message": "x"},
-    }
-    assert result_line(cancelled) == {"custom_id": "a", "result": {"type": "canceled"}}
-    timeout = {
-        "custom_id": "b",
-        "response": {"status_code": 504, "body": {"error": {"message": "upstream timed out"}}},
-        "error": None,
-    }
-    assert result_line(timeout)["result"]["error"] == {
+    cancelled = Record("a", "cancelled", error=RecordError("batch_cancelled", "x"))
+    chat = "/v1/chat/completions"
+    canceled = {"custom_id": "a", "result": {"type": "canceled"}}
+    assert anthropic_line(cancelled, chat, "m") == canceled
+    expired = Record("e", "expired", error=RecordError("batch_expired", "x"))
+    assert anthropic_line(expired, chat, "m")["result"] == {"type": "expired"}
+    timeout = Record(
+        "b", "failed", 504, "r", body=msgspec.Raw(b'{"error":{"message":"upstream timed out"}}')
+    )
+    assert anthropic_line(timeout, chat, "m")["result"]["error"] == {
         "type": "error",
         "error": {"type": "timeout_error", "message": "upstream timed out"},
     }
+    lost = Record("c", "failed", error=RecordError("backend_unavailable", "no route"))
+    assert anthropic_line(lost, chat, "m")["result"]["error"]["error"] == {
+        "type": "api_error",  # the type of a 500, one a result line may carry
+        "message": "no route",
+    }
+
+
+def test_succeeded_bodies_by_endpoint() -> None:
+    completion = b'{"model":"m","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}]}'
+    rec = Record("a", "succeeded", 200, "r", body=msgspec.Raw(completion))
+    line = anthropic_line(rec, "/v1/chat/completions", "msg_x_3")
+    assert line["result"]["message"]["id"] == "msg_x_3"
+    assert line["result"]["message"]["content"] == [{"type": "text", "text": "hi"}]
+    message = b'{"id":"msg_up","type":"message","content":[]}'
+    rec = Record("a", "succeeded", 200, "r", body=msgspec.Raw(message))
+    passed = anthropic_line(rec, "/v1/messages", "msg_x_3")["result"]["message"]
+    assert passed == {"id": "msg_up", "type": "message", "content": []}  # as the upstream sent
 
 
 # -- /v1/messages upstreams (api_style = "anthropic"): params and answers pass through ------
 MESSAGES = "/v1/messages"
+CHAT = "/v1/chat/completions"
 
 
 def test_params_pass_through_unchanged() -> None:
@@ -219,13 +239,12 @@ def test_a_message_passes_through_as_received() -> None:
         "usage": {"input_tokens": 3, "output_tokens": 2, "service_tier": "standard"},
         "container": None,
     }
-    line = {"id": "batch_req_1", "custom_id": "a",
-            "response": {"status_code": 200, "request_id": "r", "body": message}, "error": None}
-    assert result_line(line, MESSAGES) == {
+    rec = Record("a", "succeeded", 200, "r", body=msgspec.Raw(orjson.dumps(message)))
+    assert anthropic_line(rec, MESSAGES, "msg_1") == {
         "custom_id": "a", "result": {"type": "succeeded", "message": message}
     }
     # the same body on a translated batch is read as a chat completion (and is empty)
-    assert result_line(line)["result"]["message"]["content"] == []
+    assert anthropic_line(rec, CHAT, "msg_1")["result"]["message"]["content"] == []
 
 
 @pytest.mark.parametrize(
@@ -249,9 +268,8 @@ def test_a_message_passes_through_as_received() -> None:
 def test_an_upstream_error_keeps_its_type(
     status: int, body: dict[str, object], kind: str, text: str
 ) -> None:
-    line = {"id": "batch_req_1", "custom_id": "e",
-            "response": {"status_code": status, "request_id": "r", "body": body}, "error": None}
-    assert result_line(line, MESSAGES) == {
+    rec = Record("e", "failed", status, "r", body=msgspec.Raw(orjson.dumps(body)))
+    assert anthropic_line(rec, MESSAGES, "msg_1") == {
         "custom_id": "e",
         "result": {"type": "errored",
                    "error": {"type": "error", "error": {"type": kind, "message": text}}},
@@ -260,5 +278,7 @@ def test_an_upstream_error_keeps_its_type(
 
 def test_a_translated_batch_types_errors_by_status() -> None:
     body = {"error": {"type": "overloaded_error", "message": "busy"}}
-    line = {"custom_id": "e", "response": {"status_code": 400, "body": body}, "error": None}
-    assert result_line(line)["result"]["error"]["error"]["type"] == "invalid_request_error"
+    rec = Record("e", "failed", 400, body=msgspec.Raw(orjson.dumps(body)))
+    assert anthropic_line(rec, CHAT, "msg_1")["result"]["error"]["error"]["type"] == (
+        "invalid_request_error"
+    )

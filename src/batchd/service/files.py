@@ -157,6 +157,11 @@ class FileService:
         self._metrics = metrics
 
     @property
+    def blobs(self) -> Blobs:
+        """Where file bytes (and every other blob) are stored."""
+        return self._blobs
+
+    @property
     def max_file_bytes(self) -> int:
         """The largest file an upload may store (``limits.max_file_bytes``)."""
         return self._settings.limits.max_file_bytes

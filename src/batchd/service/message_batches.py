@@ -7,9 +7,11 @@ deployment speaks ``/v1/messages`` itself (``api_style = "anthropic"``), kept as
 purpose ``batch``), and the batch is created through
 :class:`BatchService`, so the same engine, deployments, quotas, fair shares and limits apply.
 The message batch's id is the batch's with the prefix ``msgbatch_`` instead of ``batch_``.
-Results are rendered at read time from the batch's output and error files, one Anthropic
-result line per line. Limits (Anthropic's): ``anthropic.max_requests`` requests (100,000),
-``anthropic.max_batch_bytes`` of create body (256 MB), results readable for
+Results are rendered at read time from the batch's result records
+(:func:`batchd.results.reader.read_results`, in the order they were committed), one Anthropic
+result line per record (:mod:`batchd.results.anthropic`). Limits (Anthropic's):
+``anthropic.max_requests`` requests (100,000), ``anthropic.max_batch_bytes`` of create body
+(256 MB), results readable for
 ``anthropic.results_retention_seconds`` after creation (29 days), then archived.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -33,20 +35,19 @@ from batchd.models import (
     BatchRecord,
     now,
 )
+from batchd.results.anthropic import anthropic_line, errored
+from batchd.results.reader import read_results
+from batchd.results.record import CANCELLED, EXPIRED, Record, line_id
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
-from batchd.service.messages_format import (
-    CHAT_ENDPOINT,
-    chat_body,
-    errored_line,
-    messages_body,
-    result_line,
-)
+from batchd.service.messages_format import CHAT_ENDPOINT, chat_body, messages_body
 from batchd.store.message_batches import MessageBatchRow, MessageBatchStore
 
 PREFIX = "msgbatch_"
 _CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}", re.ASCII)
 _WRITE_CHUNK = 1024 * 1024
+# request_counts of the records that did not succeed (any other outcome is ``errored``)
+_COUNTED = {CANCELLED: "canceled", EXPIRED: "expired"}
 
 
 def batch_id_of(mb_id: str) -> str:
@@ -262,9 +263,9 @@ class MessageBatchService:
             # request is errored, with the reason (see _render)
             async for _ in self._refused(row.project, rec):
                 counts["errored"] += 1
-        async for line in self._error_lines(row.project, rec):
-            kind = line["result"]["type"]
-            counts[kind if kind in ("canceled", "expired") else "errored"] += 1
+        async for _, record in self._records(rec, "failed"):
+            outcome = record.outcome
+            counts[_COUNTED.get(outcome, "errored")] += 1
         await self._store.keep_counts(row.id, counts)
         return {"processing": 0, **counts}
 
@@ -298,7 +299,7 @@ class MessageBatchService:
     # -- results -------------------------------------------------------------------
     async def results(self, project: str, mb_id: str) -> AsyncIterator[bytes]:
         """The result lines (JSONL, the ``anthropic`` SDK's ``MessageBatchIndividualResponse``)
-        of an ended, unarchived message batch: its successes, then everything else."""
+        of an ended, unarchived message batch, in the order they were committed."""
         row, rec = await self.get(project, mb_id)
         if not rec.ended:
             raise InvalidRequest(
@@ -316,9 +317,14 @@ class MessageBatchService:
     async def _render(self, project: str, rec: BatchRecord) -> AsyncIterator[bytes]:
         async for line in self._refused(project, rec):
             yield orjson.dumps(line) + b"\n"
-        for file_id in (rec.output_file_id, rec.error_file_id):
-            async for line in self._lines(project, file_id):
-                yield orjson.dumps(result_line(line, rec.endpoint)) + b"\n"
+        async for pos, record in self._records(rec):
+            message_id = "msg_" + line_id(rec.id, pos).removeprefix("batch_req_")
+            yield orjson.dumps(anthropic_line(record, rec.endpoint, message_id)) + b"\n"
+
+    def _records(
+        self, rec: BatchRecord, outcome: Literal["failed"] | None = None
+    ) -> AsyncIterator[tuple[int, Record]]:
+        return read_results(self._store.store, self._files.blobs, rec.id, outcome=outcome)
 
     async def _refused(self, project: str, rec: BatchRecord) -> AsyncIterator[dict[str, Any]]:
         """For a batch refused as a whole (``failed``: a token quota, say), an ``errored``
@@ -328,14 +334,10 @@ class MessageBatchService:
         why = rec.errors[0].message if rec.errors else "The batch could not start."
         async for line in self._lines(project, rec.input_file_id):
             if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
-                yield errored_line(line["custom_id"], 400, why)
-
-    async def _error_lines(self, project: str, rec: BatchRecord) -> AsyncIterator[dict[str, Any]]:
-        async for line in self._lines(project, rec.error_file_id):
-            yield result_line(line, rec.endpoint)
+                yield errored(line["custom_id"], 400, why)
 
     async def _lines(self, project: str, file_id: str | None) -> AsyncIterator[Any]:
-        """The JSON lines of a result file (none when there is no such file)."""
+        """The JSON lines of a file (none when there is no such file)."""
         if file_id is None:
             return
         try:

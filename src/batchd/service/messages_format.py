@@ -28,7 +28,6 @@ from typing import Any
 import orjson
 
 from batchd.errors import InvalidRequest
-from batchd.models import MESSAGES_ENDPOINT
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 
@@ -337,7 +336,7 @@ _ERROR_TYPES = {
 }
 # Inside a result line the SDK parses ``error.error`` as one of these only (its
 # ``ErrorObject`` union): ``api_error`` included, ``request_too_large`` not.
-_RESULT_ERROR_TYPES = frozenset(_ERROR_TYPES.values()) - {"request_too_large"} | {"api_error"}
+RESULT_ERROR_TYPES = frozenset(_ERROR_TYPES.values()) - {"request_too_large"} | {"api_error"}
 
 
 def error_type(status: int) -> str:
@@ -350,60 +349,3 @@ def error_envelope(status: int, message: str) -> dict[str, Any]:
     """Anthropic's error body: ``{"type": "error", "error": {"type", "message"}}``."""
     error: dict[str, str] = {"type": error_type(status), "message": message}
     return {"type": "error", "error": error}
-
-
-def _object(value: Any) -> dict[str, Any] | None:
-    return value if isinstance(value, dict) else None
-
-
-def result_line(line: Any, endpoint: str = CHAT_ENDPOINT) -> dict[str, Any]:
-    """The Anthropic result line (``{custom_id, result: {type, message|error}}``) for one
-    line of a batch's output or error file (CONTRACT.md's OpenAI line shapes). ``endpoint``:
-    the batch's; a ``/v1/messages`` batch's bodies are Anthropic's own: a Message passes
-    through as received, an error keeps the error type the upstream named;
-    a chat completions batch's are translated (:func:`message_of`)."""
-    doc = line if isinstance(line, dict) else {}
-    custom_id = str(doc.get("custom_id") or "")
-    response = _object(doc.get("response"))
-    top_error = _object(doc.get("error"))
-    if response is None:
-        code = top_error.get("code") if top_error else None
-        if code == "batch_cancelled":
-            return {"custom_id": custom_id, "result": {"type": "canceled"}}
-        if code == "batch_expired":
-            return {"custom_id": custom_id, "result": {"type": "expired"}}
-        why = str(top_error.get("message") if top_error else "The request was not run.")
-        return _errored(custom_id, 500, why)
-    status = _int(response.get("status_code"))
-    body = response.get("body")
-    passthrough = endpoint == MESSAGES_ENDPOINT
-    if 200 <= status < 300:
-        if passthrough:
-            message = body if isinstance(body, dict) else {}
-        else:
-            req_id = str(doc.get("id") or "").removeprefix("batch_req_")
-            message = message_of(body, f"msg_{req_id}")
-        return {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
-    err = body.get("error") if isinstance(body, dict) else None
-    text = err.get("message") if isinstance(err, dict) else None
-    why = str(text or f"The model server answered {status}.")
-    kind = err.get("type") if passthrough and isinstance(err, dict) else None
-    return _errored(custom_id, status, why, kind if isinstance(kind, str) else None)
-
-
-def errored_line(custom_id: str, status: int, message: str) -> dict[str, Any]:
-    """A request's ``errored`` result with Anthropic's error envelope."""
-    return _errored(custom_id, status, message)
-
-
-def _errored(
-    custom_id: str, status: int, message: str, kind: str | None = None
-) -> dict[str, Any]:
-    """``kind``: the error type the upstream named (an Anthropic upstream's), kept when the
-    SDK knows it; else the type of ``status``."""
-    envelope = error_envelope(status, message)
-    if kind in _RESULT_ERROR_TYPES:
-        envelope["error"]["type"] = kind
-    elif envelope["error"]["type"] not in _RESULT_ERROR_TYPES:
-        envelope["error"]["type"] = "invalid_request_error"
-    return {"custom_id": custom_id, "result": {"type": "errored", "error": envelope}}
