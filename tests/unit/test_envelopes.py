@@ -12,7 +12,7 @@ from batchd.envelopes import (
     openai_error,
     openai_error_type,
 )
-from batchd.service.messages_format import errored_line
+from batchd.results.anthropic import errored
 
 
 def test_openai_envelope_bytes() -> None:
@@ -82,14 +82,21 @@ def test_anthropic_types_by_status(status: int, type_: str) -> None:
 
 def test_anthropic_result_line_error_uses_the_envelope() -> None:
     """A result line's error is the envelope, with the one type the SDK does not accept
-    there (``request_too_large``) read as ``invalid_request_error``."""
-    assert errored_line("a", 413, "too big") == {
+    there (``request_too_large``) read as ``invalid_request_error``, and the type an
+    Anthropic upstream named kept when the SDK accepts it."""
+    assert errored("a", 413, "too big") == {
         "custom_id": "a",
         "result": {
             "type": "errored",
             "error": anthropic_error("too big", "invalid_request_error"),
         },
     }
-    assert errored_line("b", 504, "slow")["result"]["error"] == anthropic_error(
+    assert errored("b", 504, "slow")["result"]["error"] == anthropic_error(
         "slow", "timeout_error"
+    )
+    assert errored("c", 529, "busy", "overloaded_error")["result"]["error"] == anthropic_error(
+        "busy", "overloaded_error"
+    )
+    assert errored("d", 500, "odd", "made_up_error")["result"]["error"] == anthropic_error(
+        "odd", "api_error"
     )

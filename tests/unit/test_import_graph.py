@@ -11,22 +11,13 @@ for whoever moves the code). An edge goes to the deepest module of ours the stat
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 ROOT = "batchd"
 SRC = Path(__file__).resolve().parents[2] / "src"
-
-# Cycles allowed for now, each with the reason it is still there. An entry is a set of modules
-# whose imports among themselves are not counted. The checkpointer and the shard runner import
-# each other (the checkpointer sets the runner's flags); the rewrite that makes the checkpointer
-# return outcomes instead is under way on the results branch. Remove the entry when it lands:
-# test_allowed_cycles_are_still_cycles fails as soon as the pair stops being a cycle.
-ALLOWED_CYCLES: tuple[frozenset[str], ...] = (
-    frozenset({"batchd.engine.checkpoints", "batchd.engine.shard"}),
-)
 
 # The layers (docs/architecture.md, "Imports"): what each may never import. A layer is the
 # package (``batchd.api`` for ``batchd.api.routes``) or the top-level module. ``*`` is every
@@ -45,6 +36,8 @@ FORBIDDEN: Mapping[str, frozenset[str]] = {
     "blobs": frozenset({"api", "ui", "service", "engine", "backends", "store", "cli"}),
     # engine -> service/store/backends; the engine knows no HTTP API
     "engine": frozenset({"api", "ui", "cli"}),
+    # the result records, their reading and their renderers: used by the engine and services
+    "results": frozenset({"api", "ui", "engine", "cli"}),
     # where a request runs: knows no batch, no store, no API
     "backends": frozenset({"api", "ui", "service", "engine", "store", "blobs", "cli"}),
 }
@@ -168,20 +161,12 @@ def _shortest_cycle(graph: Mapping[str, set[str]], members: list[str]) -> list[s
     raise AssertionError(f"no cycle through {start}")
 
 
-def cycles(
-    graph: Mapping[str, set[str]], allowed: Iterable[frozenset[str]] = ()
-) -> list[list[str]]:
-    """One shortest cycle for each group of modules that import each other, leaving out the
-    edges inside each ``allowed`` set."""
-    allowed = list(allowed)
-    kept = {
-        node: {t for t in targets if not any({node, t} <= group for group in allowed)}
-        for node, targets in graph.items()
-    }
+def cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
+    """One shortest cycle for each group of modules that import each other."""
     return [
-        _shortest_cycle(kept, comp)
-        for comp in _components(kept)
-        if len(comp) > 1 or comp[0] in kept[comp[0]]
+        _shortest_cycle(graph, comp)
+        for comp in _components(graph)
+        if len(comp) > 1 or comp[0] in graph[comp[0]]
     ]
 
 
@@ -211,15 +196,8 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_no_import_cycles(graph: dict[str, set[str]]) -> None:
-    found = cycles(graph, ALLOWED_CYCLES)
+    found = cycles(graph)
     assert not found, "import cycles:\n" + "\n".join("  " + " -> ".join(c) for c in found)
-
-
-def test_allowed_cycles_are_still_cycles(graph: dict[str, set[str]]) -> None:
-    """An allowance for a cycle that is gone is stale: remove it from ALLOWED_CYCLES."""
-    for group in ALLOWED_CYCLES:
-        sub = {m: graph.get(m, set()) & group for m in group}
-        assert cycles(sub), f"{sorted(group)} no longer import each other: drop the allowance"
 
 
 def test_layers_import_only_downwards(graph: dict[str, set[str]]) -> None:
@@ -283,7 +261,6 @@ def test_a_cycle_is_found_and_named(tmp_path: Path) -> None:
     )
     graph = import_graph(tmp_path, "pkg")
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
-    assert cycles(graph, [frozenset({"pkg.c", "pkg.a"})]) == []
 
 
 def test_two_modules_importing_each_other_are_a_cycle() -> None:
