@@ -6,8 +6,8 @@ committed so far, as JSONL on stdout; ``--follow``: then each as it is committed
 batch ends, resuming after the last line printed when the connection drops),
 ``results ID --out DIR`` (the ended batch's files), ``retry ID``. The server comes from
 ``--url`` / ``BATCHD_URL`` (default ``http://127.0.0.1:8000``): the server's root, the
-OpenAI base URL (``…/v1``) and Azure's v1 base URL (``…/openai/v1``) all work. The key comes from ``--key`` /
-``BATCHD_API_KEY``. Uploads and downloads are streamed from and to disk.
+OpenAI base URL (``…/v1``) and Azure's v1 base URL (``…/openai/v1``) all work. The key
+comes from ``--key`` / ``BATCHD_API_KEY``. Uploads and downloads are streamed from and to disk.
 
 A mistake the user can fix (a missing or non-JSONL file, a folder that cannot be made, a
 server that cannot be reached, a refused key, an unknown id, a request the server refuses, a

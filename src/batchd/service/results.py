@@ -14,8 +14,9 @@ the last line it got and sees every result once.
 Following holds no database connection between polls: each poll is one read of the batch
 row (:meth:`Store.get_batch`); the results are read only when its counters
 (``completed + failed``, the number of committed results) moved or the batch ended. Polls
-come every :data:`POLL_MIN_SECONDS` while results keep coming, backing off to
-:data:`POLL_MAX_SECONDS` while none come. While nothing is sent for
+come every :data:`POLL_MIN_SECONDS` while results keep coming (within
+:data:`POLL_FAST_SECONDS` of the last), backing off to :data:`POLL_MAX_SECONDS` while none
+come. While nothing is sent for
 ``limits.results_keepalive_seconds``, one space (``b" "``) is sent: JSON allows whitespace
 before a value, so it becomes part of the next line (`` {"id": ...}``) and every line stays
 one JSON value, while proxies that cut idle connections (nginx's ``proxy_read_timeout``,
@@ -42,8 +43,9 @@ from batchd.store.sql import Store
 Outcome = Literal["succeeded", "failed"]
 
 POLL_MIN_SECONDS = 0.05  # between two polls of the batch row while results keep coming
-POLL_MAX_SECONDS = 1.0  # ... backing off (x1.5 a poll) to this while none come
-POLL_BACKOFF = 1.5
+POLL_FAST_SECONDS = 2.0  # ... and for this long after the last new result; then
+POLL_BACKOFF = 1.5  # ... backing off (x1.5 a poll)
+POLL_MAX_SECONDS = 1.0  # ... to this while none come
 CHUNK_BYTES = 64 * 1024  # lines are sent in chunks of about this size, and at each pass's end
 KEEPALIVE = b" "
 
@@ -149,7 +151,7 @@ class ResultService:
         seen = [after]
         rec: BatchRecord | None = batch
         delay = POLL_MIN_SECONDS
-        quiet_since = time.monotonic()
+        quiet_since = moved_at = time.monotonic()
         while rec is not None:
             ended = rec.ended  # read before the results: a final pass sees every result
             committed = rec.completed + rec.failed - 1
@@ -158,12 +160,14 @@ class ResultService:
                     yield chunk
                     quiet_since = time.monotonic()
                 seen[0] = max(seen[0], committed)
-                delay = POLL_MIN_SECONDS
+                delay, moved_at = POLL_MIN_SECONDS, time.monotonic()
             if ended:
                 return
-            if time.monotonic() - quiet_since >= self._keepalive:
+            now = time.monotonic()
+            if now - quiet_since >= self._keepalive:
                 yield KEEPALIVE
-                quiet_since = time.monotonic()
+                quiet_since = now
             await asyncio.sleep(min(delay, self._keepalive))
-            delay = min(delay * POLL_BACKOFF, POLL_MAX_SECONDS)
+            if now - moved_at >= POLL_FAST_SECONDS:
+                delay = min(delay * POLL_BACKOFF, POLL_MAX_SECONDS)
             rec = await self._store.get_batch(batch.id)

@@ -25,8 +25,8 @@ the last user message; a model whose name contains "guard" answers as Llama Guar
   ``retry_after_long`` (429 with ``retry-after: 3600``), ``never_answer`` (no answer at all).
 
 ``GET /_stats`` reports the requests seen, the most in flight at once, how often each
-prompt was answered with a 2xx (to find duplicates) and how often each was tried at all
-(``attempts``). ``POST /_reset`` clears them.
+prompt was answered with a 2xx (to find duplicates), when its last 2xx was sent
+(``answered_at``, unix seconds) and how often each was tried at all (``attempts``). ``POST /_reset`` clears them.
 
 Run: ``python -m batchd.testing.fake_upstream --port 9000``.
 """
@@ -70,6 +70,7 @@ class Stats:
     status: Counter[int] = field(default_factory=Counter)
     answered: Counter[str] = field(default_factory=Counter)
     attempts: Counter[str] = field(default_factory=Counter)
+    answered_at: dict[str, float] = field(default_factory=dict)  # prompt: its last 2xx
     first_at: float = 0.0  # unix seconds: the first request seen since the last reset
     last_at: float = 0.0  # ... and the last answer sent
 
@@ -314,6 +315,7 @@ async def _respond(
         return failure
     stats.status[200] += 1
     stats.answered[prompt] += 1
+    stats.answered_at[prompt] = time.time()
     reply = next((text for key, text in switches.replies.items() if key in prompt), None)
     return web.Response(
         body=orjson.dumps(answer(request.path, body, reply)),
@@ -364,6 +366,7 @@ def make_app(latency: float = 0.0) -> web.Application:
                     "status": {str(k): v for k, v in stats.status.items()},
                     "answered": dict(stats.answered),
                     "attempts": dict(stats.attempts),
+                    "answered_at": stats.answered_at,
                     "first_at": stats.first_at,
                     "last_at": stats.last_at,
                 }
@@ -376,7 +379,7 @@ def make_app(latency: float = 0.0) -> web.Application:
         fresh = Stats()
         stats.requests, stats.max_in_flight = fresh.requests, stats.in_flight
         stats.status, stats.answered = fresh.status, fresh.answered
-        stats.attempts = fresh.attempts
+        stats.attempts, stats.answered_at = fresh.attempts, fresh.answered_at
         stats.first_at = stats.last_at = 0.0
         return web.json_response({"ok": True})
 
