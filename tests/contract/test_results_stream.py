@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -158,7 +159,8 @@ def test_results_while_running_and_the_cursor(
     assert len({r["custom_id"] for r in so_far}) == k
     for r in so_far:
         assert r["response"]["status_code"] == 200 and r["error"] is None
-        assert r["response"]["body"]["choices"][0]["message"]["content"] == r["custom_id"]
+        answer = r["response"]["body"]["choices"][0]["message"]["content"]
+        assert answer == "echo: " + r["custom_id"]
     # The cursor: after line j, exactly the lines after it (at least those read already).
     j = k // 2
     rest = _lines(server, batch_id, after=so_far[j]["id"])
@@ -330,7 +332,8 @@ def test_keepalive_spaces_and_disconnects(
         headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=30,
     ) as resp:
-        first = next(resp.iter_bytes())
+        chunks = resp.iter_bytes()  # kept: a dropped iterator closes the connection
+        first = next(chunks)
         assert first and not first.strip()  # keep-alive spaces: no result yet
         wait_metrics(metrics, {m("batchd_results_streams"): 1.0})
     wait_metrics(metrics, {m("batchd_results_streams"): 0.0})
@@ -358,27 +361,33 @@ def test_follow_across_a_killed_worker(
 
 
 def test_cli_follow_resumes_across_a_killed_server(
-    make_server: Callable[..., Server], upstream: Upstream, sdk: Callable[..., OpenAI]
+    make_server: Callable[..., Server],
+    upstream: Upstream,
+    sdk: Callable[..., OpenAI],
+    tmp_path: Path,
 ) -> None:
-    upstream.control(latency=0.02)
+    upstream.control(latency=0.1)  # 32 in flight: ~300 requests/s, 7 s for 2000
     server = make_server(base_config(upstream))
     c = sdk(server, retries=2)
     n = 2000
     batch_id = _submit(c, n)
     cmd = [*BATCHD, "results", batch_id, "--follow", "--url", server.url, "--key", API_KEY]
-    cli = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out_path, err_path = tmp_path / "cli.out", tmp_path / "cli.err"
+    with out_path.open("wb") as out_f, err_path.open("wb") as err_f:
+        cli = subprocess.Popen(cmd, stdout=out_f, stderr=err_f)
     try:
         _wait_done(c, batch_id, 300)
         server.proc.kill9()  # the API and its engine
         port = int(server.url.rsplit(":", 1)[1])
         restarted = start_server(server.config_path, server.config_path.parent, port=port)
         try:
-            out, err = cli.communicate(timeout=120)
+            cli.wait(120)
         finally:
             restarted.proc.stop()
     finally:
         if cli.poll() is None:
             cli.kill()
+    out, err = out_path.read_bytes(), err_path.read_bytes()
     assert cli.returncode == 0, err
     assert b"Traceback" not in err and b"reading again after batch_req_" in err
     lines = [json.loads(x) for x in out.splitlines()]
