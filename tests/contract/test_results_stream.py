@@ -7,6 +7,7 @@ keep-alive spaces and disconnects, the errors, and ``batchd results --follow``."
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -421,3 +422,41 @@ def test_cli_results_so_far_after_and_outcome(
     assert refused.returncode == 2 and b"--out downloads" in refused.stderr
     refused = cli("--after", "nope")
     assert refused.returncode == 2 and b"(HTTP 400)" in refused.stderr
+
+
+def _page(server: Server, path: str) -> str:
+    resp = httpx2.get(server.url + path, headers={"cookie": f"batchd_key={API_KEY}"})
+    assert resp.status_code == 200, resp.text
+    return resp.text
+
+
+def _shown(html: str) -> list[str]:
+    """The custom_ids of the batch page's latest results, top to bottom."""
+    if 'class="result-lines"' not in html:
+        return []
+    table = html.split('class="result-lines"', 1)[1].split("</table>", 1)[0]
+    return re.findall(r"<tr class=\"r-(?:ok|bad)\"><td><code>([^<]*)</code>", table)
+
+
+def test_the_batch_page_shows_the_latest_results(
+    client: OpenAI, server: Server, upstream: Upstream
+) -> None:
+    hostile = '<script>alert("x")</script> & <b>bold</b>'
+    upstream.control(latency=0.3, replies={"req-": hostile})
+    n = 200
+    batch_id = _submit(client, n)
+    _wait_done(client, batch_id, 40)
+    running = _page(server, f"/ui/batches/{batch_id}/live")
+    assert 'data-status="in_progress"' in running
+    shown = _shown(running)
+    assert len(shown) == 10
+    so_far = [r["custom_id"] for r in _lines(server, batch_id)]
+    assert set(shown) <= set(so_far) and shown[0] in so_far[-40:]
+    # Escaped, never markup.
+    assert "<script>alert" not in running and "&lt;script&gt;alert(" in running
+    assert "&lt;b&gt;bold&lt;/b&gt;" in running
+
+    wait_batch(client, batch_id)
+    ended = _page(server, f"/ui/batches/{batch_id}")
+    every = _lines(server, batch_id)
+    assert _shown(ended) == [r["custom_id"] for r in every[::-1][:10]]
