@@ -81,7 +81,10 @@ class Follower:
     """A followed stream read on a thread: each line (parsed) as it arrives, the raw bytes,
     and whether the stream ended."""
 
-    def __init__(self, server: Server, batch_id: str, **params: Any) -> None:
+    def __init__(
+        self, server: Server, batch_id: str, key: str = API_KEY, **params: Any
+    ) -> None:
+        self.key = key
         self.lines: list[dict[str, Any]] = []
         self.raw = bytearray()
         self.ended = threading.Event()
@@ -98,7 +101,7 @@ class Follower:
                 "GET",
                 _url(server, batch_id),
                 params={"follow": "true", **params},
-                headers={"Authorization": f"Bearer {API_KEY}"},
+                headers={"Authorization": f"Bearer {self.key}"},
                 timeout=120,
             ) as resp:
                 assert resp.status_code == 200
@@ -107,7 +110,7 @@ class Follower:
                     self.raw += chunk
                     *whole, pending = (pending + chunk).split(b"\n")
                     self.lines.extend(json.loads(line) for line in whole)
-            with OpenAI(base_url=server.url + "/v1", api_key=API_KEY) as c:
+            with OpenAI(base_url=server.url + "/v1", api_key=self.key) as c:
                 self.batch_status_at_end = c.batches.retrieve(batch_id).status
         except BaseException as exc:  # reported by wait()
             self.error = exc
