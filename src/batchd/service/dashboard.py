@@ -103,8 +103,10 @@ def answer_text(body: Any) -> str:
                 return str(message["content"])
             if isinstance(first.get("text"), str):
                 return str(first["text"])
-        for item in body.get("output") or ():
-            for part in (item.get("content") or ()) if isinstance(item, dict) else ():
+        output = body.get("output")
+        for item in output if isinstance(output, list) else ():
+            content = item.get("content") if isinstance(item, dict) else None
+            for part in content if isinstance(content, list) else ():
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     return str(part["text"])
         data = body.get("data")
@@ -172,10 +174,14 @@ class DashboardService:
         return BatchDetail(rec, lines, more, await self._latest(rec))
 
     async def _latest(self, rec: BatchRecord) -> list[ErrorLine]:
-        """The newest committed results, as shown (an answer over
-        :data:`ANSWER_PARSE_BYTES` by its size)."""
+        """The newest committed results, newest first, as shown (an answer over
+        :data:`ANSWER_PARSE_BYTES` by its size); none once the batch's results are deleted."""
         shown = []
-        for pos, record in await self._results.latest(rec, LATEST_RESULTS):
+        try:
+            latest = await self._results.latest(rec, LATEST_RESULTS)
+        except BlobNotFound:  # the batch's results were deleted meanwhile
+            return []
+        for pos, record in latest:
             if len(record.body) > ANSWER_PARSE_BYTES:
                 status = str(record.status_code)
                 text = f"({len(record.body)} bytes)"

@@ -111,7 +111,9 @@ class ResultService:
         """Chunks of whole OpenAI lines (and, when following, keep-alive spaces): the
         results of ``batch`` (a record the caller read, scoped to its project) with position
         > ``after`` committed so far; with ``follow``, then each one as it is committed,
-        until the batch has ended and all are given."""
+        until the batch has ended and all are given (or the batch was deleted). Raises
+        :class:`batchd.errors.BlobNotFound` when the batch's results are deleted while they
+        are read (the stream breaks off rather than looking complete)."""
         if not follow:
             async for chunk in self._pass(batch.id, after, outcome, [after]):
                 yield chunk
