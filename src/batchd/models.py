@@ -35,6 +35,11 @@ API_OPENAI = "openai"
 API_AZURE = "azure"  # created on the /openai tree: both result files, endpoint as sent
 API_ANTHROPIC = "anthropic"  # a message batch (/v1/messages/batches): OpenAI result files
 
+# The endpoint of a message batch whose model's deployment speaks Anthropic's Messages API
+# (``api_style = "anthropic"``): its requests' params are the bodies, passed through. A batch
+# endpoint only for message batches (``POST /v1/batches`` takes OpenAI's endpoints).
+MESSAGES_ENDPOINT = "/v1/messages"
+
 PURPOSE_BATCH = "batch"
 PURPOSE_OUTPUT = "batch_output"
 

@@ -281,6 +281,14 @@ def test_prompt_and_choice_texts() -> None:
     output = {"output": [{"type": "reasoning"}, {"type": "message", "content": [
         {"type": "output_text", "text": "out"}]}]}
     assert choice_texts("/v1/responses", output) == ["out"]
+    messages = {"system": [{"type": "text", "text": "Rules."}],
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "Q"},
+                                                          {"type": "image", "source": {}}]}]}
+    assert prompt_texts("/v1/messages", messages) == ["Rules.\nQ"]
+    assert prompt_texts("/v1/messages", {"messages": [{"content": "Q"}]}) == ["Q"]
+    message = {"content": [{"type": "text", "text": "a"}, {"type": "tool_use", "input": {}},
+                           {"type": "text", "text": "b"}]}
+    assert choice_texts("/v1/messages", message) == ["a\nb"]
 
 
 # -- the engine hook ----------------------------------------------------------------------------
@@ -369,6 +377,43 @@ async def test_hook_blocks_a_prompt_and_withholds_an_answer() -> None:
     assert response["status"] == "incomplete" and response["output"] == []
     assert response["incomplete_details"] == {"reason": "content_filter"}
     assert "prompt_filter_results" not in response
+
+
+async def test_block_mode_filters_messages_passed_through() -> None:
+    """A /v1/messages request (an api_style = "anthropic" upstream) is judged in block mode:
+    a flagged prompt is not sent, a flagged answer is withheld as Anthropic's refusals are;
+    annotate mode leaves the Message as received (it has no place for annotations)."""
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c",
+               "content": [{"type": "text", "text": "attack!"}], "stop_reason": "end_turn",
+               "stop_sequence": None, "usage": {"input_tokens": 2, "output_tokens": 1}}
+    sent: list[int] = []
+
+    async def run() -> Result:
+        sent.append(1)
+        return answer_record(
+            b'"c1"', UpstreamResponse(200, orjson.dumps(message), "req_1"), 0.0
+        )
+
+    def ask(text: str) -> bytes:
+        return orjson.dumps({"model": "c", "max_tokens": 5, "system": "S",
+                             "messages": [{"role": "user", "content": text}]})
+
+    classifier = WordClassifier()
+    block = ContentFilter(classifier, Thresholds(), block=True, timeout=5)
+    result = await block.execute(run, "/v1/messages", b'"c1"', ask("attack now"), 0.0)
+    assert sent == [] and isinstance(result, tuple) and not result[0]
+    assert _line(result[1])["response"]["status_code"] == 400
+
+    result = await block.execute(run, "/v1/messages", b'"c1"', ask("say hi"), 0.0)
+    assert sent == [1] and isinstance(result, tuple) and result[0]
+    withheld = _line(result[1])["response"]["body"]
+    assert withheld == {**message, "content": [], "stop_reason": "refusal"}
+    assert classifier.calls[-1] == (["attack!"], "S\nsay hi")
+
+    annotate = ContentFilter(WordClassifier(), Thresholds(), block=False, timeout=5)
+    result = await annotate.execute(run, "/v1/messages", b'"c1"', ask("attack now"), 0.0)
+    assert isinstance(result, tuple) and result[0]
+    assert _line(result[1])["response"]["body"] == message
 
 
 async def test_hook_serves_unfiltered_when_the_classifier_fails() -> None:

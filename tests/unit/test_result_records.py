@@ -172,3 +172,21 @@ def test_line_ids_are_cursors_of_one_batch() -> None:
 
 
 NULL_BODY = Record("x", "failed").body
+
+
+def test_anthropic_usage_counts_the_cache_in_the_input() -> None:
+    """Anthropic's input_tokens leave out cache reads and writes; OpenAI's include them."""
+    usage = {
+        "input_tokens": 10,
+        "output_tokens": 4,
+        "cache_read_input_tokens": 100,
+        "cache_creation_input_tokens": 7,
+    }
+    assert read_usage(usage) == Usage(input_tokens=117, cached_tokens=100, output_tokens=4)
+    assert read_usage({"input_tokens": 3, "output_tokens": 2, "cache_read_input_tokens": None,
+                       "cache_creation_input_tokens": 0}) == Usage(input_tokens=3,
+                                                                   output_tokens=2)
+    # the responses API's shape is unchanged (its input_tokens include the cached ones)
+    assert read_usage(
+        {"input_tokens": 5, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 1}
+    ) == Usage(input_tokens=5, cached_tokens=2, output_tokens=1)

@@ -59,6 +59,7 @@ from batchd.contentfilter.texts import (
     CHAT,
     COMPLETIONS,
     FILTERED_ENDPOINTS,
+    MESSAGES,
     RESPONSES,
     choice_texts,
     prompt_texts,
@@ -99,7 +100,8 @@ class ContentFilter:
         is JSON-encoded, ``body`` the line's request body, ``started`` when it was taken up
         (unix seconds)."""
         payload = _object(body) if endpoint in FILTERED_ENDPOINTS else None
-        if payload is None:
+        if payload is None or (endpoint == MESSAGES and not self.block):
+            # An Anthropic Message has no place for annotations: only block mode applies.
             return await run()
         prompts = prompt_texts(endpoint, payload)
         if self.block:
@@ -184,9 +186,12 @@ class ContentFilter:
             return result
         context = "\n".join(p for p in prompts if p) or None
         judged = await self._classify(choice_texts(endpoint, body), replying_to=context)
-        if endpoint == RESPONSES:
+        if endpoint in (RESPONSES, MESSAGES):
             if self.block and judged and (judged[0] is None or self._flagged(judged[0])):
-                _withhold_response(body)
+                if endpoint == RESPONSES:
+                    _withhold_response(body)
+                else:
+                    _withhold_message(body)
         else:
             self._annotate(endpoint, body, found, judged)
         changed = msgspec.structs.replace(rec, body=msgspec.Raw(orjson.dumps(body)))
@@ -235,6 +240,14 @@ def _withhold_choice(endpoint: str, choice: dict[str, Any]) -> None:
             message["content"] = None
     elif endpoint == COMPLETIONS:
         choice["text"] = ""
+
+
+def _withhold_message(body: dict[str, Any]) -> None:
+    """An Anthropic Message's answer withheld as Anthropic's own refusals are: no content,
+    ``stop_reason: "refusal"``."""
+    body["content"] = []
+    body["stop_reason"] = "refusal"
+    body["stop_sequence"] = None
 
 
 def _withhold_response(body: dict[str, Any]) -> None:

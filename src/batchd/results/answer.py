@@ -62,10 +62,25 @@ def _field(obj: Any, *names: str) -> Any:
 
 
 def read_usage(usage: Any) -> Usage:
-    """Chat/completions (``prompt_tokens``...) or responses (``input_tokens``...) usage, read
-    leniently: a null, float, missing or odd field counts as what it is or 0."""
+    """Chat/completions (``prompt_tokens``...), responses (``input_tokens``...) or Anthropic
+    Messages usage, read leniently: a null, float, missing or odd field counts as what it is
+    or 0. Anthropic's ``input_tokens`` leave out the cache's: its ``cache_read_input_tokens``
+    and ``cache_creation_input_tokens`` are added, so input counts every prompt token as
+    OpenAI's do, and cache reads are the cached ones."""
     if not isinstance(usage, dict):
         return Usage()
+    cache_read = usage.get("cache_read_input_tokens")
+    cache_made = usage.get("cache_creation_input_tokens")
+    if cache_read is not None or cache_made is not None:
+        read = _count(cache_read)
+        return Usage(
+            input_tokens=min(
+                _count(usage.get("input_tokens")) + read + _count(cache_made),
+                MAX_TOKENS_PER_ANSWER,
+            ),
+            cached_tokens=read,
+            output_tokens=_count(usage.get("output_tokens")),
+        )
     return Usage(
         input_tokens=_count(_field(usage, "prompt_tokens", "input_tokens")),
         cached_tokens=_count(

@@ -12,18 +12,21 @@ from typing import Any
 
 import orjson
 
+from batchd.models import MESSAGES_ENDPOINT
 from batchd.results.record import CANCELLED, EXPIRED, Record
 from batchd.service.messages_format import RESULT_ERROR_TYPES, error_envelope, message_of
 
-CHAT = "/v1/chat/completions"
-MESSAGES = "/v1/messages"
 
-
-def errored(custom_id: str, status: int, message: str) -> dict[str, Any]:
-    """A request's ``errored`` result with Anthropic's error envelope (its type one that a
-    result line may carry)."""
+def errored(
+    custom_id: str, status: int, message: str, kind: str | None = None
+) -> dict[str, Any]:
+    """A request's ``errored`` result with Anthropic's error envelope. ``kind``: the error
+    type an Anthropic upstream named, kept when a result line may carry it (the SDK's
+    ``ErrorObject`` union); else the type of ``status``, or ``invalid_request_error``."""
     envelope = error_envelope(status, message)
-    if envelope["error"]["type"] not in RESULT_ERROR_TYPES:
+    if kind in RESULT_ERROR_TYPES:
+        envelope["error"]["type"] = kind
+    elif envelope["error"]["type"] not in RESULT_ERROR_TYPES:
         envelope["error"]["type"] = "invalid_request_error"
     return {"custom_id": custom_id, "result": {"type": "errored", "error": envelope}}
 
@@ -51,8 +54,13 @@ def anthropic_line(record: Record, endpoint: str, message_id: str) -> dict[str, 
         return errored(custom_id, 500, why)
     body = _body(record)
     if record.succeeded:
-        message = body if endpoint == MESSAGES else message_of(body, message_id)
+        if endpoint == MESSAGES_ENDPOINT:
+            message = body if isinstance(body, dict) else {}
+        else:
+            message = message_of(body, message_id)
         return {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
     err = body.get("error") if isinstance(body, dict) else None
     text = err.get("message") if isinstance(err, dict) else None
-    return errored(custom_id, status, str(text or f"The model server answered {status}."))
+    why = str(text or f"The model server answered {status}.")
+    kind = err.get("type") if endpoint == MESSAGES_ENDPOINT and isinstance(err, dict) else None
+    return errored(custom_id, status, why, kind if isinstance(kind, str) else None)

@@ -1,8 +1,10 @@
 """Anthropic's Message Batches: create, read, list, cancel, delete and results.
 
 A message batch is an adapter over one ordinary batch of the project: its inline requests are
-checked, translated to chat completions (``service/messages_format.py``) and stored as the
-batch's input file (``msgbatch_ID.jsonl``, purpose ``batch``), and the batch is created through
+checked, translated to chat completions (``service/messages_format.py``) or, when the model's
+deployment speaks ``/v1/messages`` itself (``api_style = "anthropic"``), kept as they are
+(endpoint ``/v1/messages``), and stored as the batch's input file (``msgbatch_ID.jsonl``,
+purpose ``batch``), and the batch is created through
 :class:`BatchService`, so the same engine, deployments, quotas, fair shares and limits apply.
 The message batch's id is the batch's with the prefix ``msgbatch_`` instead of ``batch_``.
 Results are rendered at read time from the batch's result records
@@ -16,7 +18,7 @@ result line per record (:mod:`batchd.results.anthropic`). Limits (Anthropic's):
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ from batchd.models import (
     API_ANTHROPIC,
     CANCELLING,
     FAILED,
+    MESSAGES_ENDPOINT,
     PURPOSE_BATCH,
     BatchRecord,
     now,
@@ -37,7 +40,7 @@ from batchd.results.reader import read_results
 from batchd.results.record import CANCELLED, EXPIRED, Record, line_id
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
-from batchd.service.messages_format import chat_body
+from batchd.service.messages_format import CHAT_ENDPOINT, chat_body, messages_body
 from batchd.store.message_batches import MessageBatchRow, MessageBatchStore
 
 PREFIX = "msgbatch_"
@@ -70,9 +73,19 @@ def _not_found(mb_id: str) -> NotFound:
     )
 
 
-def jsonl_of(requests: Any, max_requests: int) -> tuple[bytes, str]:
-    """The batch input (chat completions JSONL) for a create body's ``requests``, and the one
-    model it uses. Raises :class:`InvalidRequest` naming ``requests.N.<field>``."""
+def _model_of(item: Any) -> str | None:
+    params = item.get("params") if isinstance(item, dict) else None
+    model = params.get("model") if isinstance(params, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def jsonl_of(
+    requests: Any, max_requests: int, speaks_messages: Callable[[str], bool]
+) -> tuple[bytes, str, str]:
+    """The batch input for a create body's ``requests``, the one model it uses and the batch
+    endpoint: the params as they are (``/v1/messages``) when ``speaks_messages(model)`` (its
+    deployment has ``api_style = "anthropic"``), else translated to chat completions. Raises
+    :class:`InvalidRequest` naming ``requests.N.<field>``."""
     if not isinstance(requests, list) or not requests:
         raise InvalidRequest("requests: expected a non-empty list.", param="requests")
     if len(requests) > max_requests:
@@ -80,6 +93,10 @@ def jsonl_of(requests: Any, max_requests: int) -> tuple[bytes, str]:
             f"requests: {len(requests)} requests; at most {max_requests} per batch.",
             param="requests",
         )
+    first = _model_of(requests[0])
+    passthrough = first is not None and speaks_messages(first)
+    to_body = messages_body if passthrough else chat_body
+    url = MESSAGES_ENDPOINT if passthrough else CHAT_ENDPOINT
     seen: set[str] = set()
     models: set[str] = set()
     lines = []
@@ -100,20 +117,19 @@ def jsonl_of(requests: Any, max_requests: int) -> tuple[bytes, str]:
             )
         seen.add(custom_id)
         try:
-            body = chat_body(item.get("params"))
+            body = to_body(item.get("params"))
         except InvalidRequest as exc:
             field = f"{where}.params.{exc.param}" if exc.param != "params" else f"{where}.params"
             raise InvalidRequest(f"{where}.params.{exc.message}", param=field) from None
         models.add(body["model"])
-        line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-                "body": body}
+        line = {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
         lines.append(orjson.dumps(line))
     if len(models) > 1:
         raise InvalidRequest(
             f"requests use {len(models)} models; batchd runs one model per message batch.",
             param="requests",
         )
-    return b"\n".join(lines) + b"\n", models.pop()
+    return b"\n".join(lines) + b"\n", models.pop(), url
 
 
 class MessageBatchService:
@@ -125,9 +141,15 @@ class MessageBatchService:
         store: MessageBatchStore,
     ) -> None:
         self._settings = settings.anthropic
+        self._deployments = settings
         self._files = files
         self._batches = batches
         self._store = store
+
+    def _speaks_messages(self, model: str) -> bool:
+        """The model's deployment speaks ``/v1/messages`` (``api_style = "anthropic"``)."""
+        deployment = self._deployments.deployment_for(model)
+        return deployment is not None and deployment.speaks_messages
 
     @property
     def max_body_bytes(self) -> int:
@@ -138,7 +160,7 @@ class MessageBatchService:
         """Check and translate the requests, store them as a batch input, create the batch.
         A batch whose input the engine refuses (no deployment serves the model, a quota) is
         a 400 naming the first problem, and nothing of it stays listed."""
-        data, _ = jsonl_of(requests, self._settings.max_requests)
+        data, _, endpoint = jsonl_of(requests, self._settings.max_requests, self._speaks_messages)
         retention = self._settings.results_retention_seconds
         upload = self._files.begin_upload("message_batch.jsonl")
         try:
@@ -161,7 +183,7 @@ class MessageBatchService:
             rec = await self._batches.create(
                 project,
                 input_file_id=file.id,
-                endpoint="/v1/chat/completions",
+                endpoint=endpoint,
                 completion_window="24h",
                 output_expires_after={"anchor": "created_at", "seconds": retention},
                 api=API_ANTHROPIC,

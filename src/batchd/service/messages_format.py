@@ -29,6 +29,8 @@ import orjson
 
 from batchd.errors import InvalidRequest
 
+CHAT_ENDPOINT = "/v1/chat/completions"
+
 _PARAMS = frozenset(
     {
         "model",
@@ -184,6 +186,33 @@ def _number(params: dict[str, Any], key: str, low: float, high: float | None) ->
     return value
 
 
+def _required(params: dict[str, Any]) -> tuple[str, int, list[Any]]:
+    """``model``, ``max_tokens`` and ``messages``, checked (every Messages request has them)."""
+    model, max_tokens, messages = (params.get(k) for k in ("model", "max_tokens", "messages"))
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: Field required.", code="missing_required_parameter",
+                             param="model")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise _bad("max_tokens: expected an integer of at least 1.", "max_tokens")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages: expected a non-empty list.", "messages")
+    return model, max_tokens, messages
+
+
+def messages_body(params: Any) -> dict[str, Any]:
+    """One request's Messages ``params`` as the body for an upstream that speaks
+    ``/v1/messages`` (``api_style = "anthropic"``): unchanged, once ``model``, ``max_tokens``
+    and ``messages`` are there and ``stream`` is not asked for (a batch does not stream).
+    Every other param is the upstream's to accept or refuse (a refusal is an ``errored``
+    result). Raises :class:`InvalidRequest` naming the field relative to ``params``."""
+    if not isinstance(params, dict):
+        raise _bad("params: expected an object.", "params")
+    _required(params)
+    if params.get("stream") not in (None, False):
+        raise _bad("stream: a message batch does not stream; leave it out.", "stream")
+    return params
+
+
 def chat_body(params: Any) -> dict[str, Any]:
     """The chat completions body for one request's Messages ``params``.
 
@@ -194,14 +223,7 @@ def chat_body(params: Any) -> dict[str, Any]:
     unknown = sorted(set(params) - _PARAMS)
     if unknown:
         raise _bad(f"{unknown[0][:64]}: not supported by batchd's Message Batches.", unknown[0])
-    model, max_tokens, messages = (params.get(k) for k in ("model", "max_tokens", "messages"))
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model: Field required.", code="missing_required_parameter",
-                             param="model")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise _bad("max_tokens: expected an integer of at least 1.", "max_tokens")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages: expected a non-empty list.", "messages")
+    model, max_tokens, messages = _required(params)
     chat: list[dict[str, Any]] = []
     if params.get("system") is not None:
         chat.append({"role": "system", "content": _text_of(params["system"], "system")})
@@ -312,8 +334,9 @@ _ERROR_TYPES = {
     504: "timeout_error",
     529: "overloaded_error",
 }
-# Inside a result line the SDK parses ``error.error`` as one of these only.
-RESULT_ERROR_TYPES = frozenset(_ERROR_TYPES.values()) - {"request_too_large"}
+# Inside a result line the SDK parses ``error.error`` as one of these only (its
+# ``ErrorObject`` union): ``api_error`` included, ``request_too_large`` not.
+RESULT_ERROR_TYPES = frozenset(_ERROR_TYPES.values()) - {"request_too_large"} | {"api_error"}
 
 
 def error_type(status: int) -> str:
