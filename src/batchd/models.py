@@ -1,4 +1,5 @@
-"""Domain records: files, batches, shards and parts, and their OpenAI wire shapes.
+"""Domain records: files, batches, shards and parts, and their OpenAI wire shapes; the
+endpoints a batch may name.
 
 These import nothing else of batchd's. Timestamps are unix seconds (int) on the wire; leases
 use float seconds.
@@ -31,9 +32,32 @@ TERMINAL = frozenset({FAILED, COMPLETED, EXPIRED, CANCELLED})
 SHARD_PENDING = "pending"
 SHARD_DONE = "done"
 
+# The endpoints a batch may name, in their canonical OpenAI spelling.
+CHAT_COMPLETIONS = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+MODERATIONS = "/v1/moderations"
+ENDPOINTS = (CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, RESPONSES, MODERATIONS)
+
+
+def normalise_endpoint(url: str) -> str | None:
+    """Map an OpenAI (``/v1/chat/completions``) or Azure (``/chat/completions``) path to the
+    canonical one, or ``None`` when it names no supported endpoint."""
+    path = url.split("?", 1)[0].rstrip("/")
+    if not path.startswith("/v1/"):
+        path = "/v1" + (path if path.startswith("/") else "/" + path)
+    return path if path in ENDPOINTS else None
+
+
 API_OPENAI = "openai"
 API_AZURE = "azure"  # created on the /openai tree: both result files, endpoint as sent
 API_ANTHROPIC = "anthropic"  # a message batch (/v1/messages/batches): OpenAI result files
+
+# The endpoint of a message batch whose model's deployment speaks Anthropic's Messages API
+# (``api_style = "anthropic"``): its requests' params are the bodies, passed through. A batch
+# endpoint only for message batches (``POST /v1/batches`` takes OpenAI's endpoints).
+MESSAGES_ENDPOINT = "/v1/messages"
 
 PURPOSE_BATCH = "batch"
 PURPOSE_OUTPUT = "batch_output"
@@ -252,15 +276,28 @@ class ShardClaim:
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """One checkpoint's results of a shard, stored as blobs."""
+    """One checkpoint's results of a shard: one blob of result records
+    (:mod:`batchd.results.record`), ``out_lines`` succeeded and ``err_lines`` not.
+
+    ``first_pos``: the batch position of its first record, assigned by the store when the
+    part is committed (-1 before); its records hold positions ``first_pos`` to
+    ``first_pos + lines - 1``. The never-executed requests of a batch are its last part, on
+    shard :data:`UNEXECUTED_SHARD`."""
 
     batch_id: str
     shard_idx: int
     seq: int
-    out_key: str | None
-    err_key: str | None
+    key: str
     out_lines: int
     err_lines: int
+    first_pos: int = -1
+
+    @property
+    def lines(self) -> int:
+        return self.out_lines + self.err_lines
+
+
+UNEXECUTED_SHARD = -1  # the shard index of a batch's part of never-executed requests
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,10 @@
 Azure filters chat completions and completions: one ``prompt_filter_results`` entry a prompt
 (a chat request is one prompt: all its messages), one ``content_filter_results`` a choice.
 Responses are judged the same way (their input is one prompt, their output text one
-answer). Only text is judged: image, audio and file parts, tool calls and token-id prompts
-are not (a token-id prompt has no text: it is reported as not filtered).
+answer), and so are Anthropic Messages passed through to a ``/v1/messages`` upstream (the
+system prompt and messages one prompt, the text blocks of the answer one answer). Only text
+is judged: image, audio and file parts, tool calls and token-id prompts are not (a token-id
+prompt has no text: it is reported as not filtered).
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-RESPONSES = "/v1/responses"
-FILTERED_ENDPOINTS = frozenset({CHAT, COMPLETIONS, RESPONSES})
+from batchd.models import CHAT_COMPLETIONS, COMPLETIONS, MESSAGES_ENDPOINT, RESPONSES
+
+FILTERED_ENDPOINTS = frozenset({CHAT_COMPLETIONS, COMPLETIONS, RESPONSES, MESSAGES_ENDPOINT})
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
 
 
@@ -47,9 +48,14 @@ def _messages_text(messages: Any) -> str:
 def prompt_texts(endpoint: str, body: Mapping[str, Any]) -> list[str | None]:
     """The prompts of a request body, in order; ``None`` for a prompt without text (token
     ids). Chat: one prompt, every message. Completions: one a prompt. Responses: one,
-    ``instructions`` and every input message. Other endpoints: none."""
-    if endpoint == CHAT:
+    ``instructions`` and every input message. Messages: one, ``system`` and every message.
+    Other endpoints: none."""
+    if endpoint == CHAT_COMPLETIONS:
         return [_messages_text(body.get("messages"))]
+    if endpoint == MESSAGES_ENDPOINT:
+        system = _content_text(body.get("system"))
+        text = _messages_text(body.get("messages"))
+        return [f"{system}\n{text}" if system else text]
     if endpoint == COMPLETIONS:
         prompt = body.get("prompt")
         if isinstance(prompt, str):
@@ -69,7 +75,10 @@ def prompt_texts(endpoint: str, body: Mapping[str, Any]) -> list[str | None]:
 
 def choice_texts(endpoint: str, body: Mapping[str, Any]) -> list[str]:
     """The answer's texts: one a choice (chat: the message's content; completions: the
-    text); a response's output text as one. Other endpoints: none."""
+    text); a response's output text as one; a Message's text blocks as one. Other
+    endpoints: none."""
+    if endpoint == MESSAGES_ENDPOINT:
+        return [_content_text(body.get("content"))]
     if endpoint == RESPONSES:
         output = body.get("output")
         items = output if isinstance(output, list) else []
@@ -81,13 +90,13 @@ def choice_texts(endpoint: str, body: Mapping[str, Any]) -> list[str]:
             )
         ]
     choices = body.get("choices")
-    if endpoint not in (CHAT, COMPLETIONS) or not isinstance(choices, list):
+    if endpoint not in (CHAT_COMPLETIONS, COMPLETIONS) or not isinstance(choices, list):
         return []
     out = []
     for choice in choices:
         if not isinstance(choice, dict):
             out.append("")
-        elif endpoint == CHAT:
+        elif endpoint == CHAT_COMPLETIONS:
             message = choice.get("message")
             out.append(_content_text(message.get("content")) if isinstance(message, dict) else "")
         else:

@@ -61,6 +61,11 @@ class MessageBatchStore:
     def __init__(self, store: Store) -> None:
         self._store = store
 
+    @property
+    def store(self) -> Store:
+        """The store the rows are in (their batches' results are read from it)."""
+        return self._store
+
     def _joined(self, project: str) -> Select[Any]:
         return (
             select(*_COLUMNS, batches)
