@@ -40,10 +40,10 @@ async def test_a_rising_adaptive_limit_renews_the_share_at_once(
             lim.release()
             lim.on_answer(0.1, 200, 8)
         assert lim.adaptive is not None and lim.adaptive.current == 16
-        async with asyncio.timeout(10):
-            while lim.capacity < 16:
-                await asyncio.sleep(0.01)
-        assert leaser.renewals == renewals + 1 and lim.in_flight == 16
+        # the 8 released slots went to the next 8 waiters; the next 8 get the new ones
+        await asyncio.wait_for(asyncio.gather(*waiters[16:24]), 10)
+        assert leaser.renewals == renewals + 1
+        assert lim.capacity == 16 and lim.in_flight == 16 and not waiters[24].done()
     finally:
         if runner is not None:
             runner.cancel()

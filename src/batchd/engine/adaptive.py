@@ -1,6 +1,9 @@
 """Adaptive concurrency: the in-flight limit at which an upstream's throughput stops growing.
 
-A gradient controller after Netflix's concurrency-limits library (``Gradient2Limit``): it
+It starts with a slow start (as TCP's): the limit doubles each window while the latency
+stays at the no-load latency, a window ending as soon as enough answers to the new level are
+in, so a server of capacity K is reached in about log2(K / 8) windows of ~1.5 latencies.
+Then a gradient controller after Netflix's concurrency-limits library (``Gradient2Limit``): it
 compares the latency of the last window of requests with the upstream's no-load latency
 and moves the limit by their ratio. While latency stays within ``tolerance`` times the
 no-load latency, the limit grows by about ``sqrt(limit)`` a window (the server has room:
