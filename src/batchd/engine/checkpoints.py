@@ -3,7 +3,7 @@
 Every ``checkpoint_seconds`` the results each running shard gathered since its last
 checkpoint are stored as a part blob per shard, and the parts, the done-bitmaps and the
 batches' counters of all those shards are committed in one transaction
-(:meth:`batchd.store.sql.Store.checkpoint_many`). Each shard stays fenced by its own lease
+(:meth:`batchd.store.protocols.QueueStore.checkpoint_many`). Each shard stays fenced by its own lease
 token: a shard whose lease was lost stores nothing and is stopped, the others commit.
 
 One lock orders every checkpoint of the process, periodic and final, so a shard's bitmaps
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from batchd.errors import StoreError
 from batchd.models import Part, Usage
-from batchd.store.sql import ShardCheckpoint, Store
+from batchd.store.protocols import QueueStore, ShardCheckpoint
 from batchd.telemetry.logs import about
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class Checkpointer:
 
     The periodic round runs on a task of its own while at least one shard is registered."""
 
-    def __init__(self, store: Store, interval: float) -> None:
+    def __init__(self, store: QueueStore, interval: float) -> None:
         self._store = store
         self.interval = interval
         self._runs: dict[tuple[str, int], ShardRun] = {}

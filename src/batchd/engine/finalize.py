@@ -33,7 +33,7 @@ from batchd.models import (
     ShardSpan,
     now,
 )
-from batchd.store.sql import Store
+from batchd.store.protocols import QueueStore
 from batchd.telemetry.logs import about
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def unexecuted_lines(data: bytes, done: bytes, code: str) -> list[bytes]:
 
 
 class Finalizer:
-    def __init__(self, store: Store, blobs: Blobs, spool: Path, owner: str) -> None:
+    def __init__(self, store: QueueStore, blobs: Blobs, spool: Path, owner: str) -> None:
         self._store = store
         self._blobs = blobs
         self._spool = spool

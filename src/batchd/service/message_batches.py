@@ -33,7 +33,8 @@ from batchd.models import (
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
 from batchd.service.messages_format import chat_body, errored_line, result_line
-from batchd.store.message_batches import MessageBatchRow, MessageBatchStore
+from batchd.store.message_batches import MessageBatchRow
+from batchd.store.protocols import MessageBatchRecords
 
 PREFIX = "msgbatch_"
 _CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}", re.ASCII)
@@ -115,7 +116,7 @@ class MessageBatchService:
         settings: Settings,
         files: FileService,
         batches: BatchService,
-        store: MessageBatchStore,
+        store: MessageBatchRecords,
     ) -> None:
         self._settings = settings.anthropic
         self._files = files
