@@ -3,8 +3,8 @@
 Every ``checkpoint_seconds`` the results each running shard gathered since its last
 checkpoint are stored as a part blob per shard, and the parts, the done-bitmaps and the
 batches' counters of all those shards are committed in one transaction
-(:meth:`batchd.store.protocols.QueueStore.checkpoint_many`). Each shard stays fenced by its own lease
-token: a shard whose lease was lost stores nothing and is stopped, the others commit.
+(:meth:`batchd.store.protocols.QueueStore.checkpoint_many`). Each shard stays fenced by its
+own lease token: a shard whose lease was lost stores nothing and is stopped, the others commit.
 
 One lock orders every checkpoint of the process, periodic and final, so a shard's bitmaps
 reach the store in the order they were taken. If anything fails before the commit, the

@@ -101,14 +101,16 @@ class Engine:
         self._finalizer = Finalizer(store.queue, blobs, self._spool, owner)
         self._tokens = TokenCounter(settings)
         self._tpm_tokens = self._tokens.tpm_tokens()
-        activator = Activator(settings, store.files, store.batches, InputCounter(self._tokens, blobs))
-        self._activator = activator
+        counter = InputCounter(self._tokens, blobs)
+        self._activator = Activator(settings, store.files, store.batches, counter)
         self._files = FileService(settings, store.files, blobs)
         self._reaper = Reaper(
             store, self._files, owner=owner, lease_seconds=RETENTION_LEASE_SWEEPS * SWEEP_SECONDS
         )
         self._webhooks = (
-            WebhookSender(settings.webhooks, store.outbox, self.metrics) if settings.webhooks else None
+            WebhookSender(settings.webhooks, store.outbox, self.metrics)
+            if settings.webhooks
+            else None
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -292,7 +294,8 @@ class Engine:
             if not self._runs:
                 continue
             try:
-                signals = await self._store.batches.signals(r.claim.batch_id for r in self._runs.values())
+                running = [r.claim.batch_id for r in self._runs.values()]
+                signals = await self._store.batches.signals(running)
             except Exception:
                 log.exception("reading batch signals failed")
                 continue

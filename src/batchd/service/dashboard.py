@@ -114,7 +114,8 @@ class DashboardService:
     async def list_batches(
         self, project: str | None, *, status: str | None, limit: int, after: str | None
     ) -> tuple[list[BatchRecord], bool]:
-        rows = await self._store.batches.list_batches(project, limit=limit, after=after, status=status)
+        batches = self._store.batches
+        rows = await batches.list_batches(project, limit=limit, after=after, status=status)
         return rows[:limit], len(rows) > limit
 
     async def _batch(self, project: str | None, batch_id: str) -> BatchRecord:

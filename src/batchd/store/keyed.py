@@ -1,9 +1,9 @@
 """Two small cluster-wide records on the metadata store: idempotency keys and named leases.
 
-Both are one transaction per call, like every method of the store (:mod:`batchd.store.protocols`), and hold
-across replicas: an idempotency key is checked and taken under a per-key lock (PostgreSQL
-advisory lock; SQLite's write transactions run one at a time), and a lease row is taken
-with one conditional update or insert.
+Both are one transaction per call, like every method of the store
+(:mod:`batchd.store.protocols`), and hold across replicas: an idempotency key is checked and
+taken under a per-key lock (PostgreSQL advisory lock; SQLite's write transactions run one at
+a time), and a lease row is taken with one conditional update or insert.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from batchd.errors import StoreError
-from batchd.store.schema import idempotency_keys, leases
 from batchd.store.db import Database
+from batchd.store.schema import idempotency_keys, leases
 
 LOCK_IDEMPOTENCY = 0x62640003  # key: project, kind and idempotency key
 

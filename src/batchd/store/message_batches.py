@@ -15,9 +15,9 @@ import orjson
 from sqlalchemy import Row, Select, insert, select, update
 
 from batchd.models import BatchRecord
-from batchd.store.schema import batches, message_batches
 from batchd.store.db import Database
 from batchd.store.rows import batch_record
+from batchd.store.schema import batches, message_batches
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import case, func, select
 
-from batchd.store.schema import batches
 from batchd.store.db import Database
 from batchd.store.rows import UNFINISHED
+from batchd.store.schema import batches
 
 
 @dataclass(frozen=True, slots=True)
