@@ -34,6 +34,28 @@ class KeyState:
     result_id: str | None = None
 
 
+def held_key(
+    held_fp: str,
+    result_id: str | None,
+    created_at: int,
+    fingerprint: str,
+    now: int,
+    *,
+    ttl: int,
+    stale: int,
+) -> KeyState | None:
+    """What a claim at ``now`` finds of a key recorded at ``created_at`` for ``held_fp``
+    (having made ``result_id``, if not None); None: it lapsed (``ttl``) or its request went
+    stale (``stale``), and the claim takes it over."""
+    if created_at <= now - ttl or (result_id is None and created_at <= now - stale):
+        return None
+    if held_fp != fingerprint:
+        return KeyState("conflict")
+    if result_id is None:
+        return KeyState("in_flight")
+    return KeyState("replay", result_id)
+
+
 class IdempotencyKeys:
     """``Idempotency-Key`` records per project and kind ("batch", "file").
 
@@ -58,14 +80,12 @@ class IdempotencyKeys:
             await self._db.lock(conn, LOCK_IDEMPOTENCY, f"{project}\n{kind}\n{key}")
             row = (await conn.execute(select(idempotency_keys).where(where))).mappings().first()
             if row is not None:
-                lapsed = row["created_at"] <= now - self._ttl
-                stale = row["result_id"] is None and row["created_at"] <= now - self._stale
-                if not (lapsed or stale):
-                    if row["fingerprint"] != fingerprint:
-                        return KeyState("conflict")
-                    if row["result_id"] is None:
-                        return KeyState("in_flight")
-                    return KeyState("replay", row["result_id"])
+                held = held_key(
+                    row["fingerprint"], row["result_id"], row["created_at"], fingerprint, now,
+                    ttl=self._ttl, stale=self._stale,
+                )
+                if held is not None:
+                    return held
                 await conn.execute(delete(idempotency_keys).where(where))
             await conn.execute(
                 insert(idempotency_keys).values(

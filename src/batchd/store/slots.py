@@ -16,7 +16,7 @@ write lock. Cost: one transaction per process per heartbeat, none per request.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -123,6 +123,24 @@ def grant(
     return SlotGrant(min(free, max(target, demand.in_flight)), target)
 
 
+def grants_for(
+    owner: str,
+    demands: dict[str, SlotDemand],
+    held: Iterable[tuple[str, str, int, int, dict[str, int]]],
+    weight: Callable[[str], float] = even,
+) -> dict[str, SlotGrant]:
+    """``owner``'s grant for each deployment it asks for, given the other live leases
+    ``held``: ``(deployment, owner, want, slots, want by project)``."""
+    others: dict[str, dict[str, tuple[int, int, dict[str, int]]]] = {d: {} for d in demands}
+    for deployment, other, want, slots, projects in held:
+        if deployment not in others or other == owner:
+            continue
+        if not projects and want > 0:
+            projects = {"": want}
+        others[deployment][other] = (want, slots, projects)
+    return {d: grant(owner, demands[d], others[d], weight) for d in demands}
+
+
 async def lease(
     conn: AsyncConnection,
     owner: str,
@@ -141,13 +159,11 @@ async def lease(
             t.c.deployment.in_(list(demands))
         )
     )
-    others: dict[str, dict[str, tuple[int, int, dict[str, int]]]] = {d: {} for d in demands}
-    for r in rows:
-        projects = _projects.decode(r.projects) if r.projects else {}
-        if not projects and r.want > 0:
-            projects = {"": r.want}
-        others[r.deployment][r.owner] = (r.want, r.slots, projects)
-    grants = {d: grant(owner, demands[d], others[d], weight) for d in demands}
+    held = [
+        (r.deployment, r.owner, r.want, r.slots, _projects.decode(r.projects) if r.projects else {})
+        for r in rows
+    ]
+    grants = grants_for(owner, demands, held, weight)
     if grants:
         await conn.execute(
             insert(t),
