@@ -54,7 +54,9 @@ async def test_max_files_holds_under_concurrency(replicas: tuple[Store, Store]) 
     assert await replicas[0].files.count_files("p") == 10
     # Per project: another project still has room, a deleted file frees a place.
     await replicas[1].files.insert_file(file_rec("q"), max_files=10)
-    victim = (await replicas[0].files.list_files("p", purpose=None, limit=1, after=None, order="asc"))[0]
+    victim = (
+        await replicas[0].files.list_files("p", purpose=None, limit=1, after=None, order="asc")
+    )[0]
     await replicas[0].files.mark_file_deleted(victim.id, "p", at=2)
     await replicas[1].files.insert_file(file_rec(), max_files=10)
     with pytest.raises(QuotaExceeded) as exc:

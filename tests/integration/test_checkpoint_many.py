@@ -14,7 +14,8 @@ async def test_one_transaction_for_several_shards_fenced_each(store: Store) -> N
     # a0's lease lapses and w2 takes it over; w1 keeps a1 and a2.
     [a0] = await store.queue.claim_shards("w2", 1, T0 + 6, 5)
     assert (a0.batch_id, a0.idx, a0_stale.idx) == (a.id, 0, 0)
-    lost = await store.queue.renew_leases("w1", [(a.id, 1, a1.token), (a.id, 2, a2.token)], T0 + 100)
+    held = [(a.id, 1, a1.token), (a.id, 2, a2.token)]
+    lost = await store.queue.renew_leases("w1", held, T0 + 100)
     assert lost == []
     b = await running_batch(store)
     b0, _b1, _b2 = await store.queue.claim_shards("w1", 3, T0 + 6, 5)

@@ -53,14 +53,29 @@ async def make_batch(
     fid = new_id("file-")
     await blobs.put(f"inputs/{fid}", data)
     await store.files.insert_file(
-        FileRecord(fid, project, "in.jsonl", "batch", len(data), now(), FILE_PROCESSED,
-                   f"inputs/{fid}", summary=summary)
+        FileRecord(
+            fid,
+            project,
+            "in.jsonl",
+            "batch",
+            len(data),
+            now(),
+            FILE_PROCESSED,
+            f"inputs/{fid}",
+            summary=summary,
+        )
     )
     t = now()
     batch = BatchRecord(
-        id=new_id("batch_"), project=project, endpoint="/v1/chat/completions",
-        input_file_id=fid, completion_window="24h", status=VALIDATING, created_at=t,
-        expires_at=t + 86400, input_blob_key=f"inputs/{fid}",
+        id=new_id("batch_"),
+        project=project,
+        endpoint="/v1/chat/completions",
+        input_file_id=fid,
+        completion_window="24h",
+        status=VALIDATING,
+        created_at=t,
+        expires_at=t + 86400,
+        input_blob_key=f"inputs/{fid}",
     )
     await store.batches.insert_batch(batch)
     return batch
@@ -91,7 +106,9 @@ async def test_cancel_while_validating_lists_every_line(parts: Any, tmp_path: Pa
     started = await store.batches.get_batch(batch.id)
     assert started is not None and (started.status, started.total) == ("cancelling", 5)
     assert await store.batches.validating_batches() == []
-    leased = await store.queue.claim_finalize("w", now() + 1.0, 10, (new_id("file-"), new_id("file-")))
+    leased = await store.queue.claim_finalize(
+        "w", now() + 1.0, 10, (new_id("file-"), new_id("file-"))
+    )
     assert leased is not None and leased.id == batch.id
     await Finalizer(store.queue, blobs, tmp_path / "spool", "w").finalize(leased)
     ended = await store.batches.get_batch(batch.id)
@@ -133,6 +150,7 @@ async def test_a_batch_that_fails_to_start_never_stops_the_others(
     assert failed.errors[0].code == "internal_error"
     assert "OverflowError" in failed.errors[0].message
     assert await store.batches.validating_batches() == []
+
     # the sweep's other steps run although one raises
     async def boom(*_: int) -> int:
         raise RuntimeError("expiry broke")
@@ -162,9 +180,13 @@ async def test_a_dead_finaliser_is_taken_over_within_its_short_lease(parts: Any)
     t = float(now()) + 1
     ids = (new_id("file-"), new_id("file-"))
     assert await store.queue.claim_finalize("a", t, FINALIZE_LEASE, ids) is not None
-    assert await store.queue.claim_finalize("b", t + FINALIZE_LEASE / 2, FINALIZE_LEASE, ids) is None
+    assert (
+        await store.queue.claim_finalize("b", t + FINALIZE_LEASE / 2, FINALIZE_LEASE, ids) is None
+    )
     assert await store.queue.renew_finalize(batch.id, "a", t + 2 * FINALIZE_LEASE)
-    assert await store.queue.claim_finalize("b", t + 1.5 * FINALIZE_LEASE, FINALIZE_LEASE, ids) is None
+    assert (
+        await store.queue.claim_finalize("b", t + 1.5 * FINALIZE_LEASE, FINALIZE_LEASE, ids) is None
+    )
     taken = await store.queue.claim_finalize("b", t + 2 * FINALIZE_LEASE + 0.1, FINALIZE_LEASE, ids)
     assert taken is not None and taken.id == batch.id
     assert not await store.queue.renew_finalize(batch.id, "a", t + 100)  # "a" lost it

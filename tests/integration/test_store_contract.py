@@ -31,9 +31,9 @@ from batchd.models import (
     new_id,
 )
 from batchd.store.connect import HEAD_REVISION, _alembic_config, async_url, migrate
+from batchd.store.protocols import Store
 from batchd.store.schema import metadata
 from batchd.store.slots import SlotDemand
-from batchd.store.protocols import Store
 
 FAR = 10**10  # a deadline that never comes
 T0 = 1_000.0  # lease clock of the tests
@@ -84,7 +84,9 @@ SPANS = [ShardSpan(0, 100, 1, 10), ShardSpan(100, 200, 11, 10), ShardSpan(200, 2
 async def running_batch(store: Store, **kw: int) -> BatchRecord:
     rec = batch_rec(**kw)  # type: ignore[arg-type]
     await store.batches.insert_batch(rec)
-    assert await store.batches.activate_batch(rec.id, model="m", spans=SPANS, token_estimate=9, at=2)
+    assert await store.batches.activate_batch(
+        rec.id, model="m", spans=SPANS, token_estimate=9, at=2
+    )
     return rec
 
 
@@ -106,7 +108,9 @@ async def test_files_crud_and_pagination(store: Store) -> None:
     assert [f.id for f in page] == ids[:3][::-1]
     page = await store.files.list_files("p", purpose=None, limit=10, after=ids[1], order="asc")
     assert [f.id for f in page] == ids[2:]
-    outputs = await store.files.list_files("p", purpose="batch_output", limit=9, after=None, order="asc")
+    outputs = await store.files.list_files(
+        "p", purpose="batch_output", limit=9, after=None, order="asc"
+    )
     assert outputs == []
 
     deleted = await store.files.mark_file_deleted(ids[0], "p", at=5)
@@ -133,7 +137,9 @@ async def test_file_summary_roundtrip(store: Store) -> None:
     await store.files.insert_file(rec)
     got = await store.files.get_file(rec.id)
     assert got is not None and got.status == FILE_PROCESSED and got.summary == summary
-    listed = await store.files.list_files(rec.project, purpose=None, limit=10, after=None, order="asc")
+    listed = await store.files.list_files(
+        rec.project, purpose=None, limit=10, after=None, order="asc"
+    )
     assert [f.id for f in listed] == [rec.id] and listed[0].summary is None  # lists skip it
 
 
@@ -145,13 +151,21 @@ async def test_batches_crud_pagination_and_activation(store: Store) -> None:
     assert await store.batches.get_batch(recs[0].id, "p") == recs[0]
     assert await store.batches.get_batch(recs[0].id, "nobody") is None
     ids = sorted(r.id for r in recs)  # ids made in one millisecond need not ascend
-    assert [b.id for b in await store.batches.list_batches("p", limit=2, after=None)] == ids[::-1][:3]
-    assert [b.id for b in await store.batches.list_batches("p", limit=9, after=ids[2])] == ids[1::-1]
+    assert [b.id for b in await store.batches.list_batches("p", limit=2, after=None)] == ids[::-1][
+        :3
+    ]
+    assert [b.id for b in await store.batches.list_batches("p", limit=9, after=ids[2])] == ids[
+        1::-1
+    ]
     assert {b.id for b in await store.batches.validating_batches()} == set(ids)
     assert await store.batches.enqueued_tokens("m") == 0
 
-    assert await store.batches.activate_batch(ids[0], model="m", spans=SPANS, token_estimate=9, at=3)
-    assert not await store.batches.activate_batch(ids[0], model="m", spans=SPANS, token_estimate=9, at=3)
+    assert await store.batches.activate_batch(
+        ids[0], model="m", spans=SPANS, token_estimate=9, at=3
+    )
+    assert not await store.batches.activate_batch(
+        ids[0], model="m", spans=SPANS, token_estimate=9, at=3
+    )
     b = await store.batches.get_batch(ids[0])
     assert b is not None
     assert (b.status, b.total, b.model, b.in_progress_at, b.token_estimate) == (
@@ -294,7 +308,9 @@ async def test_checkpoint_counters_and_signals(store: Store) -> None:
     assert [p.seq for p in await store.queue.batch_parts(rec.id)] == [1, 2]
     # Shard 0 is done: a checkpoint on it is refused; shard 1 was released: claimable at once.
     with pytest.raises(LeaseLost):
-        await store.queue.checkpoint(c0, done=b"\xff\x03", part=None, usage=Usage(), shard_done=True)
+        await store.queue.checkpoint(
+            c0, done=b"\xff\x03", part=None, usage=Usage(), shard_done=True
+        )
     again = await store.queue.claim_shards("b", 5, T0 + 1, 5)
     assert [(c.idx, c.done, c.part_seq) for c in again] == [(1, b"\x01\x00", 0)]
     assert c2.idx == 2
@@ -316,7 +332,9 @@ async def finish_all_shards(store: Store, rec: BatchRecord) -> None:
 
 async def test_claim_finalize_and_complete_idempotent(store: Store) -> None:
     rec = await running_batch(store)
-    assert await store.queue.claim_finalize("f", T0, 60, ("file-o", "file-e")) is None  # shards pending
+    assert (
+        await store.queue.claim_finalize("f", T0, 60, ("file-o", "file-e")) is None
+    )  # shards pending
     await finish_all_shards(store, rec)
     got = await store.queue.claim_finalize("f", T0, 60, ("file-o", "file-e"))
     assert got is not None and got.id == rec.id
