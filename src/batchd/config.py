@@ -63,10 +63,13 @@ class Deployment(_Strict):
     base_url: str | None = None
     local_model: str | None = None
     api_key: str | None = None
-    api_style: Literal["openai", "azure"] = Field(
+    api_style: Literal["openai", "azure", "anthropic"] = Field(
         default="openai",
         description="openai: key as 'Authorization: Bearer', paths under base_url/v1; "
-        "azure: key as 'api-key', paths without /v1 (classic deployment URLs)",
+        "azure: key as 'api-key', paths without /v1 (classic deployment URLs); "
+        "anthropic: a server that speaks Anthropic's POST /v1/messages, key as 'x-api-key' "
+        "with 'anthropic-version: 2023-06-01' (unless headers set it); it runs the message "
+        "batches of its model, their params passed through unchanged",
     )
     headers: dict[str, str] = Field(
         default_factory=dict, description="sent upstream on every request of this deployment"
@@ -106,6 +109,11 @@ class Deployment(_Strict):
         return self.max_concurrency == "auto"
 
     @property
+    def speaks_messages(self) -> bool:
+        """``api_style = "anthropic"``: it serves Anthropic's ``/v1/messages`` (and only that)."""
+        return self.api_style == "anthropic"
+
+    @property
     def concurrency_limit(self) -> int:
         """The most requests ever in flight: ``max_concurrency``, or the cap with ``auto``."""
         m = self.max_concurrency
@@ -123,13 +131,18 @@ class Deployment(_Strict):
                         f"deployment {self.model!r}: invalid header {name!r} (names are "
                         "RFC 9110 tokens; values printable ASCII, no line breaks)"
                     )
-                if self.api_key and name.lower() in ("authorization", "api-key"):
+                if self.api_key and name.lower() in ("authorization", "api-key", "x-api-key"):
                     raise ValueError(
                         f"deployment {self.model!r}: headers.{name} and api_key both send a "
                         "key; set one of them"
                     )
             if self.api_key is not None and not _HEADER_VALUE.match(self.api_key):
                 raise ValueError(f"deployment {self.model!r}: api_key must be printable ASCII")
+        elif self.api_style == "anthropic":
+            raise ValueError(
+                f"deployment {self.model!r}: api_style 'anthropic' needs backend 'openai' "
+                "(an HTTP server with base_url)"
+            )
         if self.backend == "local":
             if not self.local_model:
                 object.__setattr__(self, "local_model", self.model)
@@ -353,10 +366,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"deployments: model {d.model!r} is configured twice")
             seen.add(d.model)
         cf = self.content_filter
-        if cf.classifier != "embedded" and self.deployment_for(cf.classifier) is None:
+        classifier = self.deployment_for(cf.classifier) if cf.classifier != "embedded" else None
+        if cf.classifier != "embedded" and classifier is None:
             raise ValueError(
                 f"content_filter.classifier: {cf.classifier!r} is neither 'embedded' nor the "
                 "model of a deployment"
+            )
+        if classifier is not None and classifier.speaks_messages:
+            raise ValueError(
+                f"content_filter.classifier: {cf.classifier!r} has api_style 'anthropic'; a "
+                "classifier answers /v1/moderations or chat completions"
             )
         return self
 

@@ -35,6 +35,11 @@ API_OPENAI = "openai"
 API_AZURE = "azure"  # created on the /openai tree: both result files, endpoint as sent
 API_ANTHROPIC = "anthropic"  # a message batch (/v1/messages/batches): OpenAI result files
 
+# The endpoint of a message batch whose model's deployment speaks Anthropic's Messages API
+# (``api_style = "anthropic"``): its requests' params are the bodies, passed through. A batch
+# endpoint only for message batches (``POST /v1/batches`` takes OpenAI's endpoints).
+MESSAGES_ENDPOINT = "/v1/messages"
+
 PURPOSE_BATCH = "batch"
 PURPOSE_OUTPUT = "batch_output"
 
@@ -252,15 +257,28 @@ class ShardClaim:
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """One checkpoint's results of a shard, stored as blobs."""
+    """One checkpoint's results of a shard: one blob of result records
+    (:mod:`batchd.results.record`), ``out_lines`` succeeded and ``err_lines`` not.
+
+    ``first_pos``: the batch position of its first record, assigned by the store when the
+    part is committed (-1 before); its records hold positions ``first_pos`` to
+    ``first_pos + lines - 1``. The never-executed requests of a batch are its last part, on
+    shard :data:`UNEXECUTED_SHARD`."""
 
     batch_id: str
     shard_idx: int
     seq: int
-    out_key: str | None
-    err_key: str | None
+    key: str
     out_lines: int
     err_lines: int
+    first_pos: int = -1
+
+    @property
+    def lines(self) -> int:
+        return self.out_lines + self.err_lines
+
+
+UNEXECUTED_SHARD = -1  # the shard index of a batch's part of never-executed requests
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,7 @@ async def test_one_transaction_for_several_shards_fenced_each(store: Store) -> N
 
     def part(c: object, seq: int, out: int, err: int) -> Part:
         assert isinstance(c, type(a1))
-        return Part(c.batch_id, c.idx, seq, f"o{c.idx}" if out else None,
-                    f"e{c.idx}" if err else None, out, err)
+        return Part(c.batch_id, c.idx, seq, f"p{c.idx}.{seq}", out, err)
 
     lost = await store.queue.checkpoint_many(
         [
@@ -42,7 +41,9 @@ async def test_one_transaction_for_several_shards_fenced_each(store: Store) -> N
     # a1 and a2 are counted; nothing of the refused a0.
     assert (got.completed, got.failed) == (6, 1)
     assert got.usage == Usage(4, 1, 6, 1)
-    assert [(p.shard_idx, p.seq) for p in await store.queue.batch_parts(a.id)] == [(1, 1), (2, 1)]
+    parts = await store.queue.result_parts(a.id)
+    # positions in the order of the checkpoints in the transaction
+    assert [(p.shard_idx, p.seq, p.first_pos) for p in parts] == [(1, 1, 0), (2, 1, 2)]
     shards = {idx: done for idx, _, done in await store.queue.batch_shards(a.id)}
     assert shards == {0: bytes(2), 1: b"\x03\x00", 2: b"\x1f"}
     # a2 is done and b0 released: b0 is the one shard claimable now.

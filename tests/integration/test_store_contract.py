@@ -216,14 +216,14 @@ async def test_claim_with_leases_and_takeover(store: Store) -> None:
     assert await store.queue.renew_leases("a", held, T0 + 30) == [(rec.id, 1)]
 
     # Fencing: a's stale token changes nothing.
-    part = Part(rec.id, 1, 1, "parts/o", None, 3, 0)
+    part = Part(rec.id, 1, 1, "parts/o", 3, 0)
     with pytest.raises(LeaseLost):
         await store.queue.checkpoint(
             first[1], done=b"\xff\x03", part=part, usage=Usage(1, 0, 1, 0), shard_done=True
         )
     b = await store.batches.get_batch(rec.id)
     assert b is not None and (b.completed, b.failed, b.usage.input_tokens) == (0, 0, 0)
-    assert await store.queue.batch_parts(rec.id) == []
+    assert await store.queue.result_parts(rec.id) == []
     shards = {i: done for i, _, done in await store.queue.batch_shards(rec.id)}
     assert shards[1] == bytes(2)
 
@@ -287,14 +287,14 @@ async def test_checkpoint_counters_and_signals(store: Store) -> None:
     await store.queue.checkpoint(
         c0,
         done=b"\x0f\x00",
-        part=Part(rec.id, 0, 1, "o1", "e1", 3, 1),
+        part=Part(rec.id, 0, 1, "p1", 3, 1),
         usage=Usage(10, 2, 5, 1),
         shard_done=False,
     )
     await store.queue.checkpoint(
         c0,
         done=b"\xff\x03",
-        part=Part(rec.id, 0, 2, "o2", None, 6, 0),
+        part=Part(rec.id, 0, 2, "p2", 6, 0),
         usage=Usage(20, 0, 10, 0),
         shard_done=True,
     )
@@ -305,7 +305,8 @@ async def test_checkpoint_counters_and_signals(store: Store) -> None:
     assert b is not None
     assert (b.completed, b.failed) == (9, 1)
     assert b.usage == Usage(30, 2, 15, 1)
-    assert [p.seq for p in await store.queue.batch_parts(rec.id)] == [1, 2]
+    parts = await store.queue.result_parts(rec.id)
+    assert [(p.seq, p.first_pos) for p in parts] == [(1, 0), (2, 4)]
     # Shard 0 is done: a checkpoint on it is refused; shard 1 was released: claimable at once.
     with pytest.raises(LeaseLost):
         await store.queue.checkpoint(
@@ -326,7 +327,7 @@ async def test_checkpoint_counters_and_signals(store: Store) -> None:
 # -- finalising ------------------------------------------------------------------------------------
 async def finish_all_shards(store: Store, rec: BatchRecord) -> None:
     for c in await store.queue.claim_shards("a", 10, T0, 5):
-        part = Part(rec.id, c.idx, 1, f"o{c.idx}", None, c.span.count, 0)
+        part = Part(rec.id, c.idx, 1, f"p{c.idx}", c.span.count, 0)
         await store.queue.checkpoint(c, done=b"\xff\xff", part=part, usage=Usage(), shard_done=True)
 
 
@@ -384,7 +385,9 @@ async def test_claim_finalize_and_complete_idempotent(store: Store) -> None:
         "file-o",
     )
     assert done.error_file_id is None and await store.files.get_file("file-o") is not None
-    assert await store.queue.batch_parts(rec.id) == []
+    # the parts stay (the batch's results), positions contiguous in commit order
+    parts = await store.queue.result_parts(rec.id)
+    assert [p.first_pos for p in parts] == [0, parts[0].lines, parts[0].lines + parts[1].lines]
     assert await store.queue.claim_finalize("h", T0 + 200, 60, ("file-1", "file-2")) is None
 
 

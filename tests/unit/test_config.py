@@ -97,6 +97,21 @@ def test_defaults_serve_the_embedded_models(tmp_path: Path) -> None:
          "api_key must be printable ASCII"),
         ("[[deployments]]\nmodel = 'm'\nbase_url = 'http://x/v1'\nmax_attempts = 0\n",
          "deployments.0.max_attempts"),
+        (
+            "[[deployments]]\nmodel = 'm'\nbase_url = 'http://x'\napi_style = 'anthropic'\n"
+            "api_key = 'k'\nheaders = { 'X-Api-Key' = 'other' }\n",
+            "headers.X-Api-Key and api_key both send a key",
+        ),
+        (
+            "[[deployments]]\nmodel = 'm'\nbackend = 'local'\n"
+            "local_model = 'smollm2-135m-instruct'\napi_style = 'anthropic'\n",
+            "api_style 'anthropic' needs backend 'openai'",
+        ),
+        (
+            "[content_filter]\nenabled = true\nclassifier = 'c'\n"
+            "[[deployments]]\nmodel = 'c'\nbase_url = 'http://x'\napi_style = 'anthropic'\n",
+            "content_filter.classifier: 'c' has api_style 'anthropic'",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, toml: str, named: str) -> None:

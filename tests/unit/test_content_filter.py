@@ -31,10 +31,12 @@ from batchd.contentfilter.severity import (
 )
 from batchd.contentfilter.texts import choice_texts, prompt_texts
 from batchd.engine.content_filter import ContentFilter, Result, retrying_send
-from batchd.engine.results import result_line
 from batchd.localmodel.packages import MINILM
 from batchd.localmodel.requests import BadRequest
 from batchd.models import Usage
+from batchd.results.answer import answer_record
+from batchd.results.openai import openai_line
+from batchd.results.record import decode
 from batchd.testing.fake_moderation import guard_verdict, moderation_answer
 from tests.unit.localmodel_support import weights_dir
 
@@ -279,6 +281,14 @@ def test_prompt_and_choice_texts() -> None:
     output = {"output": [{"type": "reasoning"}, {"type": "message", "content": [
         {"type": "output_text", "text": "out"}]}]}
     assert choice_texts("/v1/responses", output) == ["out"]
+    messages = {"system": [{"type": "text", "text": "Rules."}],
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "Q"},
+                                                          {"type": "image", "source": {}}]}]}
+    assert prompt_texts("/v1/messages", messages) == ["Rules.\nQ"]
+    assert prompt_texts("/v1/messages", {"messages": [{"content": "Q"}]}) == ["Q"]
+    message = {"content": [{"type": "text", "text": "a"}, {"type": "tool_use", "input": {}},
+                           {"type": "text", "text": "b"}]}
+    assert choice_texts("/v1/messages", message) == ["a\nb"]
 
 
 # -- the engine hook ----------------------------------------------------------------------------
@@ -312,9 +322,14 @@ def _answered(content: str, endpoint: str = "/v1/chat/completions") -> Any:
 
     async def run() -> Result:
         sent.append(1)
-        return result_line(b'"c1"', UpstreamResponse(200, orjson.dumps(body), "req_1"))
+        return answer_record(b'"c1"', UpstreamResponse(200, orjson.dumps(body), "req_1"), 0.0)
 
     return run, sent
+
+
+def _line(record: bytes) -> Any:
+    """A result record as the OpenAI line it is rendered to."""
+    return orjson.loads(openai_line("batch_t", 0, decode(record)))
 
 
 def _chat_body(text: str) -> bytes:
@@ -324,10 +339,12 @@ def _chat_body(text: str) -> bytes:
 async def test_hook_annotates_without_waiting_for_the_prompt() -> None:
     cf = ContentFilter(WordClassifier(), Thresholds(), block=False, timeout=5)
     run, sent = _answered("we attack at dawn")
-    result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("plan an attack"))
+    result = await cf.execute(
+        run, "/v1/chat/completions", b'"c1"', _chat_body("plan an attack"), 0.0
+    )
     assert isinstance(result, tuple) and result[0] and sent == [1]
     assert result[2] == Usage(input_tokens=3, output_tokens=2)
-    body = orjson.loads(result[1])["response"]["body"]
+    body = _line(result[1])["response"]["body"]
     flagged = {**SAFE, "violence": {"filtered": True, "severity": "high"}}
     assert body["prompt_filter_results"] == [{"prompt_index": 0, "content_filter_results": flagged}]
     assert body["choices"][0]["content_filter_results"] == flagged
@@ -338,37 +355,74 @@ async def test_hook_blocks_a_prompt_and_withholds_an_answer() -> None:
     classifier = WordClassifier()
     cf = ContentFilter(classifier, Thresholds(), block=True, timeout=5)
     run, sent = _answered("hello")
-    result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("attack now"))
+    result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("attack now"), 0.0)
     assert sent == [] and isinstance(result, tuple) and not result[0]
-    line = orjson.loads(result[1])
+    line = _line(result[1])
     assert line["custom_id"] == "c1" and line["response"]["status_code"] == 400
     assert line["response"]["body"]["error"]["code"] == "content_filter"
 
     run, sent = _answered("attack!")
-    result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("say hi"))
+    result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("say hi"), 0.0)
     assert sent == [1] and isinstance(result, tuple) and result[0]
-    choice = orjson.loads(result[1])["response"]["body"]["choices"][0]
+    choice = _line(result[1])["response"]["body"]["choices"][0]
     assert choice["finish_reason"] == "content_filter" and choice["logprobs"] is None
     assert choice["message"] == {"role": "assistant", "content": None}
     assert classifier.calls[-1] == (["attack!"], "say hi")  # the answer, with its prompt
 
     run, _ = _answered("attack!", "/v1/responses")
     body = orjson.dumps({"model": "m", "input": "say hi"})
-    result = await cf.execute(run, "/v1/responses", b'"c1"', body)
+    result = await cf.execute(run, "/v1/responses", b'"c1"', body, 0.0)
     assert isinstance(result, tuple)
-    response = orjson.loads(result[1])["response"]["body"]
+    response = _line(result[1])["response"]["body"]
     assert response["status"] == "incomplete" and response["output"] == []
     assert response["incomplete_details"] == {"reason": "content_filter"}
     assert "prompt_filter_results" not in response
+
+
+async def test_block_mode_filters_messages_passed_through() -> None:
+    """A /v1/messages request (an api_style = "anthropic" upstream) is judged in block mode:
+    a flagged prompt is not sent, a flagged answer is withheld as Anthropic's refusals are;
+    annotate mode leaves the Message as received (it has no place for annotations)."""
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c",
+               "content": [{"type": "text", "text": "attack!"}], "stop_reason": "end_turn",
+               "stop_sequence": None, "usage": {"input_tokens": 2, "output_tokens": 1}}
+    sent: list[int] = []
+
+    async def run() -> Result:
+        sent.append(1)
+        return answer_record(
+            b'"c1"', UpstreamResponse(200, orjson.dumps(message), "req_1"), 0.0
+        )
+
+    def ask(text: str) -> bytes:
+        return orjson.dumps({"model": "c", "max_tokens": 5, "system": "S",
+                             "messages": [{"role": "user", "content": text}]})
+
+    classifier = WordClassifier()
+    block = ContentFilter(classifier, Thresholds(), block=True, timeout=5)
+    result = await block.execute(run, "/v1/messages", b'"c1"', ask("attack now"), 0.0)
+    assert sent == [] and isinstance(result, tuple) and not result[0]
+    assert _line(result[1])["response"]["status_code"] == 400
+
+    result = await block.execute(run, "/v1/messages", b'"c1"', ask("say hi"), 0.0)
+    assert sent == [1] and isinstance(result, tuple) and result[0]
+    withheld = _line(result[1])["response"]["body"]
+    assert withheld == {**message, "content": [], "stop_reason": "refusal"}
+    assert classifier.calls[-1] == (["attack!"], "S\nsay hi")
+
+    annotate = ContentFilter(WordClassifier(), Thresholds(), block=False, timeout=5)
+    result = await annotate.execute(run, "/v1/messages", b'"c1"', ask("attack now"), 0.0)
+    assert isinstance(result, tuple) and result[0]
+    assert _line(result[1])["response"]["body"] == message
 
 
 async def test_hook_serves_unfiltered_when_the_classifier_fails() -> None:
     """annotate: as Azure, the line is served and says it was not filtered."""
     cf = ContentFilter(WordClassifier(), Thresholds(), block=False, timeout=5)
     run, sent = _answered("boom")
-    result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("boom attack"))
+    result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("boom attack"), 0.0)
     assert sent == [1] and isinstance(result, tuple) and result[0]
-    body = orjson.loads(result[1])["response"]["body"]
+    body = _line(result[1])["response"]["body"]
     assert body["prompt_filter_results"][0]["content_filter_results"] == NOT_FILTERED
     assert body["choices"][0]["content_filter_results"] == NOT_FILTERED
     assert body["choices"][0]["finish_reason"] == "stop"
@@ -378,9 +432,9 @@ async def test_block_fails_closed_when_the_classifier_fails() -> None:
     """block: a prompt nobody could judge is not sent (a slow-to-judge prompt never passes)."""
     cf = ContentFilter(WordClassifier(), Thresholds(), block=True, timeout=5)
     run, sent = _answered("fine")
-    result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("boom attack"))
+    result = await cf.execute(run, "/v1/chat/completions", b'"c1"', _chat_body("boom attack"), 0.0)
     assert sent == [] and isinstance(result, tuple) and not result[0]
-    line = orjson.loads(result[1])
+    line = _line(result[1])
     assert line["response"]["status_code"] == 503
     assert line["response"]["body"]["error"]["code"] == "content_filter_error"
 
@@ -389,17 +443,17 @@ async def test_hook_passes_other_endpoints_and_error_lines_through() -> None:
     classifier = WordClassifier()
     cf = ContentFilter(classifier, Thresholds(), block=True, timeout=5)
     run, sent = _answered("attack")
-    result = await cf.execute(run, "/v1/embeddings", b'"c1"', b'{"input": "attack"}')
+    result = await cf.execute(run, "/v1/embeddings", b'"c1"', b'{"input": "attack"}', 0.0)
     assert sent == [1] and classifier.calls == []
     assert isinstance(result, tuple)
-    assert "prompt_filter_results" not in orjson.loads(result[1])["response"]["body"]
+    assert "prompt_filter_results" not in _line(result[1])["response"]["body"]
 
     async def failing() -> Result:
-        return result_line(b'"c1"', UpstreamResponse(500, b'{"error": {}}', "r"))
+        return answer_record(b'"c1"', UpstreamResponse(500, b'{"error": {}}', "r"), 0.0)
 
-    result = await cf.execute(failing, "/v1/chat/completions", b'"c1"', _chat_body("hi"))
+    result = await cf.execute(failing, "/v1/chat/completions", b'"c1"', _chat_body("hi"), 0.0)
     assert isinstance(result, tuple) and not result[0]
-    assert orjson.loads(result[1])["response"]["body"] == {"error": {}}
+    assert _line(result[1])["response"]["body"] == {"error": {}}
 
 
 # -- the classifier deployment's retries --------------------------------------------------------

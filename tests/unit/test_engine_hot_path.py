@@ -1,11 +1,10 @@
 """The engine's per-request and per-interval machinery without a store or an upstream: the
-process-wide checkpointer, the deployment limiter's fast path, result lines and the HTTP/1.1
+process-wide checkpointer, the deployment limiter's fast path and the HTTP/1.1
 client's header handling."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,13 +12,11 @@ from typing import Any, cast
 
 import pytest
 
-from batchd.backends.base import UpstreamResponse
 from batchd.backends.http1 import _Conn
 from batchd.blobs.base import Blobs
 from batchd.config import Deployment
 from batchd.engine.checkpoints import Checkpointer
 from batchd.engine.limits import DeploymentLimiter
-from batchd.engine.results import response_line
 from batchd.engine.shard import ShardRun
 from batchd.engine.worker import BUSY_POLL_FACTOR, Engine
 from batchd.errors import BlobError, LeaseLost, StoreError
@@ -81,8 +78,7 @@ async def test_one_transaction_for_all_shards_with_new_results() -> None:
     e0 = entries[0]
     assert e0.part is not None and (e0.part.seq, e0.part.out_lines, e0.part.err_lines) == (1, 1, 1)
     assert e0.done == b"\x03" and e0.usage == Usage(1, 0, 2, 0) and not e0.shard_done
-    assert blobs.data[e0.part.out_key or ""] == b'{"line":0}\n'
-    assert blobs.data[e0.part.err_key or ""] == b'{"line":1}\n'
+    assert blobs.data[e0.part.key] == b'{"line":0}\n{"line":1}\n'  # one blob, in order
     # Nothing new: no transaction at all.
     await cp.checkpoint(runs)
     assert len(store.calls) == 1
@@ -201,17 +197,7 @@ async def test_limiter_with_rates_takes_the_slow_path() -> None:
     assert lim.in_flight == 0
 
 
-# -- result lines and headers ----------------------------------------------------------------
-def test_response_line_is_one_json_line() -> None:
-    line = response_line(b'"c\\"1"', UpstreamResponse(429, b"{}", 'r"id'), b'{"a":[1]}')
-    assert line.endswith(b"\n") and line.count(b"\n") == 1
-    parsed = json.loads(line)
-    assert parsed["custom_id"] == 'c"1' and parsed["error"] is None
-    assert parsed["response"] == {"status_code": 429, "request_id": 'r"id', "body": {"a": [1]}}
-    assert parsed["id"].startswith("batch_req_") and len(parsed["id"]) == len("batch_req_") + 32
-    assert json.loads(response_line(b'"x"', UpstreamResponse(200, b""), b"1"))["id"] != parsed["id"]
-
-
+# -- headers ----------------------------------------------------------------
 @pytest.mark.parametrize(
     "raw",
     [

@@ -240,6 +240,46 @@ async def test_upstream_url_styles_and_headers(
     assert headers["host"] == f"127.0.0.1:{server.port}"
 
 
+@pytest.mark.parametrize(
+    ("base", "extra", "version"),
+    [
+        ("", {}, "2023-06-01"),  # Anthropic's own base URL: no /v1
+        ("/v1", {"Anthropic-Version": "2024-10-22"}, "2024-10-22"),  # the deployment's own
+    ],
+)
+async def test_anthropic_style_key_version_and_request_id(
+    raw: Callable[..., Awaitable[tuple[RawServer, str]]],
+    base: str,
+    extra: dict[str, str],
+    version: str,
+) -> None:
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads.append(head)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            server.requests.append((head.split(b"\r\n")[0], {}, await reader.readexactly(length)))
+            writer.write(answer(b"{}", "request-id: req_011"))
+            await writer.drain()
+
+    server, url = await raw(handler)
+    async with _backend(
+        url + base, api_key="sk-ant", max_concurrency=1, api_style="anthropic", headers=extra
+    ) as b:
+        r = await b.send("/v1/messages", b'{"model":"c"}', time_limit=5)
+    assert r.request_id == "req_011"  # Anthropic names it request-id
+    line, _, body = server.requests[0]
+    assert line == b"POST /v1/messages HTTP/1.1" and body == b'{"model":"c"}'
+    fields = [h.split(b":", 1) for h in heads[0].split(b"\r\n")[1:] if h]
+    headers = [(k.strip().lower().decode(), v.strip().decode()) for k, v in fields]
+    assert ("x-api-key", "sk-ant") in headers
+    assert not {"authorization", "api-key"} & {k for k, _ in headers}
+    # one version: batchd's default, or the one the deployment's headers name
+    assert [v for k, v in headers if k == "anthropic-version"] == [version]
+
+
 async def test_chunked_and_gzip(raw: Callable[..., Awaitable[tuple[RawServer, str]]]) -> None:
     payload = b'{"chunked": true, "pad": "' + b"z" * 5000 + b'"}'
     packed = gzip.compress(payload)

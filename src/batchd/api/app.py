@@ -100,7 +100,7 @@ def create_app(
     )
     app.state.services = services
     app.state.message_batches = MessageBatchService(
-        settings, services.files, services.batches, store.message_batches
+        settings, services.files, services.batches, store.message_batches, store.queue
     )
     errors.install(app)
     openapi.install(app)

@@ -42,6 +42,7 @@ from batchd.backends.base import (
 from batchd.fifo_slots import FifoSlots
 
 CONNECT_TIMEOUT = 10.0
+ANTHROPIC_VERSION = "2023-06-01"  # what api_style = "anthropic" sends unless headers say
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # the default of ``deployments.max_response_bytes``
 CLOSE_WAIT = 2.0  # seconds close() waits for connections to finish closing before aborting
 
@@ -50,6 +51,7 @@ _KEEP = frozenset(
     (
         b"x-request-id",
         b"apim-request-id",
+        b"request-id",  # Anthropic's
         b"retry-after",
         b"retry-after-ms",
         b"content-encoding",
@@ -229,7 +231,8 @@ class _Conn(asyncio.Protocol):
 
 
 class HTTP1Backend(Backend):
-    """An OpenAI-compatible HTTP upstream (vLLM, SGLang, llama.cpp, Ollama, TGI, OpenAI, Azure)."""
+    """An OpenAI-compatible HTTP upstream (vLLM, SGLang, llama.cpp, Ollama, TGI, OpenAI, Azure),
+    or one that speaks Anthropic's ``/v1/messages`` (``api_style="anthropic"``)."""
 
     def __init__(
         self,
@@ -245,8 +248,10 @@ class HTTP1Backend(Backend):
         base path plus the endpoint (``/v1/chat/completions``, without its ``/v1`` when the
         base path ends in ``/v1`` or with ``api_style="azure"``), and the query string is
         kept (Azure's ``?api-version=``). The key is sent once: ``Authorization: Bearer``,
-        or ``api-key`` with ``api_style="azure"``. ``headers`` go on every request. An answer
-        larger than ``max_response_bytes`` raises :class:`UpstreamTooLarge`."""
+        ``api-key`` with ``api_style="azure"``, or ``x-api-key`` with ``api_style="anthropic"``
+        (which also sends ``anthropic-version:`` :data:`ANTHROPIC_VERSION` unless ``headers``
+        name one). ``headers`` go on every request. An answer larger than
+        ``max_response_bytes`` raises :class:`UpstreamTooLarge`."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"unsupported upstream URL {base_url!r}")
@@ -268,8 +273,13 @@ class HTTP1Backend(Backend):
         if api_key:
             if api_style == "azure":
                 fixed.append(f"api-key: {api_key}")
+            elif api_style == "anthropic":
+                fixed.append(f"x-api-key: {api_key}")
             else:
                 fixed.append(f"Authorization: Bearer {api_key}")
+        named = {k.lower() for k in headers or {}}
+        if api_style == "anthropic" and "anthropic-version" not in named:
+            fixed.append(f"anthropic-version: {ANTHROPIC_VERSION}")
         reserved = {"host", "content-length", "content-type", "transfer-encoding", "connection"}
         fixed += [f"{k}: {v}" for k, v in (headers or {}).items() if k.lower() not in reserved]
         self._fixed = ("\r\n".join(fixed) + "\r\nContent-Length: ").encode("latin-1")
@@ -361,7 +371,11 @@ class HTTP1Backend(Backend):
                     conn.abort()
         finally:
             slots.give_back()
-        request_id = headers.get(b"x-request-id") or headers.get(b"apim-request-id")
+        request_id = (
+            headers.get(b"x-request-id")
+            or headers.get(b"apim-request-id")
+            or headers.get(b"request-id")  # Anthropic's
+        )
         retry_after = None
         if b"retry-after" in headers or b"retry-after-ms" in headers:
             retry_ms = headers.get(b"retry-after-ms")

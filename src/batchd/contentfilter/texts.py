@@ -3,8 +3,10 @@
 Azure filters chat completions and completions: one ``prompt_filter_results`` entry a prompt
 (a chat request is one prompt: all its messages), one ``content_filter_results`` a choice.
 Responses are judged the same way (their input is one prompt, their output text one
-answer). Only text is judged: image, audio and file parts, tool calls and token-id prompts
-are not (a token-id prompt has no text: it is reported as not filtered).
+answer), and so are Anthropic Messages passed through to a ``/v1/messages`` upstream (the
+system prompt and messages one prompt, the text blocks of the answer one answer). Only text
+is judged: image, audio and file parts, tool calls and token-id prompts are not (a token-id
+prompt has no text: it is reported as not filtered).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from batchd.models import MESSAGES_ENDPOINT
+
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
-FILTERED_ENDPOINTS = frozenset({CHAT, COMPLETIONS, RESPONSES})
+MESSAGES = MESSAGES_ENDPOINT
+FILTERED_ENDPOINTS = frozenset({CHAT, COMPLETIONS, RESPONSES, MESSAGES})
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
 
 
@@ -47,9 +52,14 @@ def _messages_text(messages: Any) -> str:
 def prompt_texts(endpoint: str, body: Mapping[str, Any]) -> list[str | None]:
     """The prompts of a request body, in order; ``None`` for a prompt without text (token
     ids). Chat: one prompt, every message. Completions: one a prompt. Responses: one,
-    ``instructions`` and every input message. Other endpoints: none."""
+    ``instructions`` and every input message. Messages: one, ``system`` and every message.
+    Other endpoints: none."""
     if endpoint == CHAT:
         return [_messages_text(body.get("messages"))]
+    if endpoint == MESSAGES:
+        system = _content_text(body.get("system"))
+        text = _messages_text(body.get("messages"))
+        return [f"{system}\n{text}" if system else text]
     if endpoint == COMPLETIONS:
         prompt = body.get("prompt")
         if isinstance(prompt, str):
@@ -69,7 +79,10 @@ def prompt_texts(endpoint: str, body: Mapping[str, Any]) -> list[str | None]:
 
 def choice_texts(endpoint: str, body: Mapping[str, Any]) -> list[str]:
     """The answer's texts: one a choice (chat: the message's content; completions: the
-    text); a response's output text as one. Other endpoints: none."""
+    text); a response's output text as one; a Message's text blocks as one. Other
+    endpoints: none."""
+    if endpoint == MESSAGES:
+        return [_content_text(body.get("content"))]
     if endpoint == RESPONSES:
         output = body.get("output")
         items = output if isinstance(output, list) else []

@@ -1,10 +1,12 @@
 """Checkpoints of the shards one process runs: one transaction per interval for all of them.
 
 Every ``checkpoint_seconds`` the results each running shard gathered since its last
-checkpoint are stored as a part blob per shard, and the parts, the done-bitmaps and the
-batches' counters of all those shards are committed in one transaction
+checkpoint are stored as a part blob of result records per shard, and the parts, the
+done-bitmaps and the batches' counters of all those shards are committed in one transaction
 (:meth:`batchd.store.protocols.QueueStore.checkpoint_many`). Each shard stays fenced by its
-own lease token: a shard whose lease was lost stores nothing and is stopped, the others commit.
+own lease token: a shard whose lease was lost stores nothing, the others commit. Each shard
+is told its :class:`Outcome` (committed, released, lease lost) and acts on it: this module
+knows shards only through :class:`Checkpointed`.
 
 One lock orders every checkpoint of the process, periodic and final, so a shard's bitmaps
 reach the store in the order they were taken. If anything fails before the commit, the
@@ -16,35 +18,67 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from batchd.errors import StoreError
-from batchd.models import Part, Usage
+from batchd.models import Part, ShardClaim, Usage
 from batchd.store.protocols import QueueStore, ShardCheckpoint
-from batchd.telemetry.logs import about
-
-if TYPE_CHECKING:
-    from batchd.engine.shard import ShardRun
 
 log = logging.getLogger(__name__)
 
 STORE_RETRY_SECONDS = 0.5
 
 
+class Outcome(enum.Enum):
+    """What a checkpoint did for one shard (the shard's runner acts on it)."""
+
+    COMMITTED = "committed"  # stored; the shard still holds its lease
+    RELEASED = "released"  # stored, and the lease ended (the shard is done, or it stops)
+    LEASE_LOST = "lease_lost"  # refused: another worker holds the shard; nothing stored
+
+
 @dataclass(slots=True)
 class Taken:
-    """Results taken from a shard for one checkpoint (put back if it fails)."""
+    """Results taken from a shard for one checkpoint (put back if it fails): result record
+    lines (:mod:`batchd.results.record`), ``out`` of them succeeded and ``err`` not."""
 
-    out: list[bytes]
-    err: list[bytes]
+    records: list[bytes]
+    out: int
+    err: int
     usage: Usage
     done: bytes
     seq: int  # the shard's part sequence before this checkpoint
     shard_done: bool
     part: Part | None = None
+
+
+class Checkpointed(Protocol):
+    """What the checkpointer needs of a running shard."""
+
+    @property
+    def key(self) -> tuple[str, int]: ...
+
+    @property
+    def claim(self) -> ShardClaim: ...
+
+    @property
+    def park_until(self) -> float: ...
+
+    def take(self, *, final: bool) -> Taken | None:
+        """The results gathered since the last checkpoint, or None when there is nothing."""
+
+    def put_back(self, taken: Taken) -> None:
+        """A checkpoint failed before its commit: its results go with the next one."""
+
+    async def write_part(self, taken: Taken) -> Part | None:
+        """Store the taken results as a part blob; the part to commit."""
+
+    def settle(self, outcome: Outcome) -> None:
+        """The checkpoint's outcome for this shard (called once it committed)."""
 
 
 class Checkpointer:
@@ -55,17 +89,17 @@ class Checkpointer:
     def __init__(self, store: QueueStore, interval: float) -> None:
         self._store = store
         self.interval = interval
-        self._runs: dict[tuple[str, int], ShardRun] = {}
+        self._runs: dict[tuple[str, int], Checkpointed] = {}
         self._lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self.rounds = 0  # transactions committed (for tests and benchmarks)
 
-    def add(self, run: ShardRun) -> None:
+    def add(self, run: Checkpointed) -> None:
         self._runs[run.key] = run
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
-    def discard(self, run: ShardRun) -> None:
+    def discard(self, run: Checkpointed) -> None:
         if self._runs.get(run.key) is run:
             del self._runs[run.key]
 
@@ -85,18 +119,20 @@ class Checkpointer:
             except Exception:
                 log.exception("checkpoint failed; its results go with the next one")
 
-    async def checkpoint(self, runs: Iterable[ShardRun], *, final: bool = False) -> None:
-        """Store what ``runs`` gathered since their last checkpoint, in one transaction.
-        ``final``: the runs end, their leases are released. A run whose lease was lost is
-        marked ``lost`` and stopped (nothing of it is stored)."""
+    async def checkpoint(
+        self, runs: Iterable[Checkpointed], *, final: bool = False
+    ) -> dict[tuple[str, int], Outcome]:
+        """Store what ``runs`` gathered since their last checkpoint, in one transaction, and
+        return each stored shard's :class:`Outcome` (a run with nothing to store has none),
+        also given to its ``settle``. ``final``: the runs end, their leases are released."""
         async with self._lock:
-            taken: list[tuple[ShardRun, Taken]] = []
+            taken: list[tuple[Checkpointed, Taken]] = []
             for run in runs:
                 t = run.take(final=final)
                 if t is not None:
                     taken.append((run, t))
             if not taken:
-                return
+                return {}
             committed = False
             try:
                 for run, t in taken:
@@ -137,22 +173,21 @@ class Checkpointer:
                     for run, t in taken:
                         run.put_back(t)
             self.rounds += 1
-            self._settle(taken, lost, final)
+            return self._settle(taken, lost, final)
 
     @staticmethod
     def _settle(
-        taken: list[tuple[ShardRun, Taken]], lost: list[tuple[str, int]], final: bool
-    ) -> None:
+        taken: list[tuple[Checkpointed, Taken]], lost: list[tuple[str, int]], final: bool
+    ) -> dict[tuple[str, int], Outcome]:
         lost_keys = set(lost)
+        outcomes: dict[tuple[str, int], Outcome] = {}
         for run, t in taken:
             if run.key in lost_keys:
-                if not run.lost:
-                    log.warning(
-                        "shard %s/%d: lease lost; its checkpoint was refused",
-                        *run.key,
-                        extra=about(run.claim),
-                    )
-                run.lost = True
-                run.request_stop("batch_cancelled")
+                outcome = Outcome.LEASE_LOST
             elif t.shard_done or final:
-                run.released = True  # the store holds no lease of it any more
+                outcome = Outcome.RELEASED  # the store holds no lease of it any more
+            else:
+                outcome = Outcome.COMMITTED
+            outcomes[run.key] = outcome
+            run.settle(outcome)
+        return outcomes

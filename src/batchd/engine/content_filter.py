@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeGuard
 
+import msgspec
 import orjson
 
 from batchd.backends.base import Backend, BackendUnavailable, UpstreamError, UpstreamResponse
@@ -58,18 +59,20 @@ from batchd.contentfilter.texts import (
     CHAT,
     COMPLETIONS,
     FILTERED_ENDPOINTS,
+    MESSAGES,
     RESPONSES,
     choice_texts,
     prompt_texts,
 )
-from batchd.engine.results import result_line
 from batchd.engine.retry import RATE_LIMITED, Parked, backoff, is_retryable
 from batchd.errors import ConfigError
-from batchd.models import Usage
+from batchd.results import record
+from batchd.results.answer import Result as Answered
+from batchd.results.answer import answer_record
 
 log = logging.getLogger(__name__)
 
-Result = tuple[bool, bytes, Usage | None] | Parked | None
+Result = Answered | Parked | None
 CLASSIFIER_ATTEMPTS = 3
 MAX_RETRY_WAIT = 5.0  # seconds: longer retry-after waits are cut to this
 
@@ -86,12 +89,19 @@ class ContentFilter:
         self.timeout = timeout
 
     async def execute(
-        self, run: Callable[[], Awaitable[Result]], endpoint: str, custom_id: bytes, body: bytes
+        self,
+        run: Callable[[], Awaitable[Result]],
+        endpoint: str,
+        custom_id: bytes,
+        body: bytes,
+        started: float,
     ) -> Result:
         """``run()`` (the line's execution) with its prompt and answer filtered; ``custom_id``
-        is JSON-encoded, ``body`` the line's request body."""
+        is JSON-encoded, ``body`` the line's request body, ``started`` when it was taken up
+        (unix seconds)."""
         payload = _object(body) if endpoint in FILTERED_ENDPOINTS else None
-        if payload is None:
+        if payload is None or (endpoint == MESSAGES and not self.block):
+            # An Anthropic Message has no place for annotations: only block mode applies.
             return await run()
         prompts = prompt_texts(endpoint, payload)
         if self.block:
@@ -99,10 +109,11 @@ class ContentFilter:
             if any(p is not None and a is None for p, a in zip(prompts, found, strict=True)):
                 # Block mode fails closed: a prompt nobody could judge is not sent (else a
                 # prompt made slow to judge on purpose would pass).
-                return False, self._unjudged(custom_id), None
+                return False, self._unjudged(custom_id, started), None
             flagged = [a for a in found if a is not None and self.thresholds.filtered(a)]
             if flagged:
-                return False, self._refusal(custom_id, Assessment.worst(flagged)), None
+                refusal = self._refusal(custom_id, Assessment.worst(flagged), started)
+                return False, refusal, None
             result = await run()
             if not _is_output(result):
                 return result
@@ -141,7 +152,7 @@ class ContentFilter:
         judged = iter(await self._classify([p for p in prompts if p is not None]))
         return [next(judged) if p is not None else None for p in prompts]
 
-    def _unjudged(self, custom_id: bytes) -> bytes:
+    def _unjudged(self, custom_id: bytes, started: float) -> bytes:
         error = {
             "message": "The content filter could not judge this prompt in time, and with "
             'action = "block" an unjudged prompt is not sent. Try the line again.',
@@ -150,37 +161,41 @@ class ContentFilter:
             "code": "content_filter_error",
         }
         resp = UpstreamResponse(503, orjson.dumps({"error": error}), f"req_{uuid.uuid4().hex}")
-        return result_line(custom_id, resp)[1]
+        return answer_record(custom_id, resp, started)[1]
 
-    def _refusal(self, custom_id: bytes, assessment: Assessment) -> bytes:
+    def _refusal(self, custom_id: bytes, assessment: Assessment, started: float) -> bytes:
         body = orjson.dumps(blocked_prompt_body(assessment, self.thresholds))
         resp = UpstreamResponse(400, body, f"req_{uuid.uuid4().hex}")
-        return result_line(custom_id, resp)[1]
+        return answer_record(custom_id, resp, started)[1]
 
     # -- the answer ----------------------------------------------------------------------
     async def _judge_answer(
         self,
         endpoint: str,
-        result: tuple[bool, bytes, Usage | None],
+        result: Answered,
         prompts: list[str | None],
         found: list[Assessment | None],
     ) -> Result:
         _, line, usage = result
         try:
-            doc = orjson.loads(line)
-            body = doc["response"]["body"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            rec = record.decode(line)
+            body = orjson.loads(bytes(rec.body))
+        except (msgspec.DecodeError, msgspec.ValidationError, orjson.JSONDecodeError):
             return result
         if not isinstance(body, dict):
             return result
         context = "\n".join(p for p in prompts if p) or None
         judged = await self._classify(choice_texts(endpoint, body), replying_to=context)
-        if endpoint == RESPONSES:
+        if endpoint in (RESPONSES, MESSAGES):
             if self.block and judged and (judged[0] is None or self._flagged(judged[0])):
-                _withhold_response(body)
+                if endpoint == RESPONSES:
+                    _withhold_response(body)
+                else:
+                    _withhold_message(body)
         else:
             self._annotate(endpoint, body, found, judged)
-        return True, orjson.dumps(doc) + b"\n", usage
+        changed = msgspec.structs.replace(rec, body=msgspec.Raw(orjson.dumps(body)))
+        return True, record.encode(changed), usage
 
     def _flagged(self, assessment: Assessment | None) -> bool:
         return assessment is not None and self.thresholds.filtered(assessment)
@@ -211,8 +226,8 @@ def _object(body: bytes) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-def _is_output(result: Result) -> TypeGuard[tuple[bool, bytes, Usage | None]]:
-    """A line for the output file (an error line is written as it is)."""
+def _is_output(result: Result) -> TypeGuard[Answered]:
+    """A succeeded record (a failed one is kept as it is)."""
     return isinstance(result, tuple) and result[0]
 
 
@@ -225,6 +240,14 @@ def _withhold_choice(endpoint: str, choice: dict[str, Any]) -> None:
             message["content"] = None
     elif endpoint == COMPLETIONS:
         choice["text"] = ""
+
+
+def _withhold_message(body: dict[str, Any]) -> None:
+    """An Anthropic Message's answer withheld as Anthropic's own refusals are: no content,
+    ``stop_reason: "refusal"``."""
+    body["content"] = []
+    body["stop_reason"] = "refusal"
+    body["stop_sequence"] = None
 
 
 def _withhold_response(body: dict[str, Any]) -> None:

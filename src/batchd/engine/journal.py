@@ -4,7 +4,9 @@ A process killed with ``kill -9`` loses nothing it wrote (the bytes are in the o
 system's cache), so the worker that takes the shard over on this machine adopts every
 complete record that is not checkpointed yet instead of sending those requests again.
 
-Record: ``<index>\\t<o|e>\\t<result line>`` where index is the line's position in the shard.
+Record: ``<index>\\t<result record>`` where index is the line's position in the shard and the
+result record is one line (:mod:`batchd.results.record`). Journals are named
+``<shard>.<token>.records``; a journal of another format (an older version's) is not read.
 """
 
 from __future__ import annotations
@@ -17,23 +19,25 @@ import anyio.to_thread
 
 from batchd.filemodes import PRIVATE, make_dirs
 
+_SUFFIX = ".records"
+
 
 def journal_dir(spool: Path, batch_id: str) -> Path:
     return spool / batch_id
 
 
 def _path(spool: Path, batch_id: str, idx: int, token: int) -> Path:
-    return journal_dir(spool, batch_id) / f"{idx}.{token}.journal"
+    return journal_dir(spool, batch_id) / f"{idx}.{token}{_SUFFIX}"
 
 
 def read_journals(
     spool: Path, batch_id: str, idx: int, below_token: int
-) -> Iterator[tuple[int, bool, bytes]]:
-    """Complete records of earlier holders of the shard: (index, is_output, line)."""
+) -> Iterator[tuple[int, bytes]]:
+    """Complete records of earlier holders of the shard: (index, record line)."""
     d = journal_dir(spool, batch_id)
     if not d.is_dir():
         return
-    for p in sorted(d.glob(f"{idx}.*.journal")):
+    for p in sorted(d.glob(f"{idx}.*{_SUFFIX}")):
         try:
             token = int(p.name.split(".")[1])
         except (IndexError, ValueError):
@@ -42,10 +46,10 @@ def read_journals(
             continue
         data = p.read_bytes()
         for rec in data.split(b"\n")[:-1]:  # the last piece is empty or torn
-            parts = rec.split(b"\t", 2)
-            if len(parts) != 3 or parts[1] not in (b"o", b"e") or not parts[0].isdigit():
+            index, tab, line = rec.partition(b"\t")
+            if not tab or not index.isdigit():
                 continue
-            yield int(parts[0]), parts[1] == b"o", parts[2] + b"\n"
+            yield int(index), line + b"\n"
 
 
 class Journal:
@@ -69,9 +73,10 @@ class Journal:
 
         self._fd = await anyio.to_thread.run_sync(_open)
 
-    def append(self, index: int, is_output: bool, line: bytes) -> None:
+    def append(self, index: int, record: bytes) -> None:
+        """Journal the record line (``\\n``-ended) of the shard's line ``index``."""
         if self._fd is not None:
-            os.write(self._fd, b"%d\t%s\t%s" % (index, b"o" if is_output else b"e", line))
+            os.write(self._fd, b"%d\t%s" % (index, record))
 
     async def close(self) -> None:
         if self._fd is not None:

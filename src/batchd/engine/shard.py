@@ -23,13 +23,16 @@ import msgspec
 
 from batchd.backends.base import Backend, BackendUnavailable, UpstreamResponse
 from batchd.blobs.base import Blobs
-from batchd.engine.checkpoints import Checkpointer, Taken
+from batchd.blobs.keys import part_key
+from batchd.engine.checkpoints import Checkpointer, Outcome, Taken
 from batchd.engine.journal import Journal, read_journals
 from batchd.engine.limits import DeploymentLimiter
-from batchd.engine.results import error_line, result_line, usage_of_line
 from batchd.engine.retry import Parked, RetryPolicy, send_with_retries
 from batchd.errors import LeaseLost
 from batchd.models import Part, ShardClaim, Usage
+from batchd.results.answer import Result, answer_record, failure_record
+from batchd.results.record import SUCCEEDED
+from batchd.results.record import decode as decode_record
 from batchd.service.input_line import (
     DECODE_ERRORS,
     estimate_tokens,
@@ -193,8 +196,8 @@ class ShardRun:
     # until then (unix seconds), so that it holds nothing another batch could use.
     park_until: float = 0.0
     _done: bytearray = field(default_factory=bytearray)
-    _out: list[bytes] = field(default_factory=list)
-    _err: list[bytes] = field(default_factory=list)
+    _records: list[bytes] = field(default_factory=list)  # result records since the checkpoint
+    _out: int = 0  # how many of them succeeded
     _usage: Usage = field(default_factory=Usage)
     _seq: int = 0
 
@@ -207,9 +210,11 @@ class ShardRun:
         self.stop.set()
 
     # -- results -----------------------------------------------------------------------
-    def _record(self, i: int, is_output: bool, line: bytes, usage: Usage | None) -> None:
+    def _record(self, i: int, succeeded: bool, record: bytes, usage: Usage | None) -> None:
         self._done[i >> 3] |= 1 << (i & 7)
-        (self._out if is_output else self._err).append(line)
+        self._records.append(record)
+        if succeeded:
+            self._out += 1
         if usage is not None:
             self._usage.add(usage)
 
@@ -217,41 +222,52 @@ class ShardRun:
     def take(self, *, final: bool) -> Taken | None:
         """The results gathered since the last checkpoint, with the done-bitmap that matches
         them; None when there is nothing to store."""
-        out, err = self._out, self._err
-        if not out and not err and (not final or self.released):
+        records = self._records
+        if not records and (not final or self.released):
             return None
         done = bytes(self._done)
         taken = Taken(
-            out,
-            err,
+            records,
+            self._out,
+            len(records) - self._out,
             self._usage,
             done,
             self._seq,
             shard_done=int.from_bytes(done, "little").bit_count() == self.claim.span.count,
         )
-        self._out, self._err, self._usage = [], [], Usage()
+        self._records, self._out, self._usage = [], 0, Usage()
         return taken
 
     def put_back(self, taken: Taken) -> None:
         """A checkpoint failed before its commit: its results go with the next one."""
-        self._out = taken.out + self._out
-        self._err = taken.err + self._err
+        self._records = taken.records + self._records
+        self._out += taken.out
         self._usage.add(taken.usage)
         self._seq = taken.seq
 
     async def write_part(self, taken: Taken) -> Part | None:
-        if not taken.out and not taken.err:
+        if not taken.records:
             return None
         c = self.claim
         self._seq = seq = taken.seq + 1
-        base = f"parts/{c.batch_id}/{c.idx:06d}.{c.token}.{seq}"
-        out_key = base + ".out" if taken.out else None
-        err_key = base + ".err" if taken.err else None
-        if out_key:
-            await self.blobs.put(out_key, b"".join(taken.out))
-        if err_key:
-            await self.blobs.put(err_key, b"".join(taken.err))
-        return Part(c.batch_id, c.idx, seq, out_key, err_key, len(taken.out), len(taken.err))
+        key = part_key(c.batch_id, c.idx, c.token, seq)
+        await self.blobs.put(key, b"".join(taken.records))
+        return Part(c.batch_id, c.idx, seq, key, taken.out, taken.err)
+
+    def settle(self, outcome: Outcome) -> None:
+        """Act on a committed checkpoint's outcome: a lost lease stops the shard (nothing
+        more of it can be stored); a released lease is not released again."""
+        if outcome is Outcome.LEASE_LOST:
+            if not self.lost:
+                log.warning(
+                    "shard %s/%d: lease lost; its checkpoint was refused",
+                    *self.key,
+                    extra=about(self.claim),
+                )
+            self.lost = True
+            self.request_stop("batch_cancelled")
+        elif outcome is Outcome.RELEASED:
+            self.released = True  # the store holds no lease of it any more
 
     async def checkpoint(self, *, final: bool = False) -> None:
         """Store the results gathered since the last checkpoint now (``final``: and release
@@ -270,9 +286,14 @@ class ShardRun:
             )
         )
         adopted = 0
-        for i, is_output, line in records:
+        for i, line in records:
             if i < self.claim.span.count and not _bit(self._done, i):
-                self._record(i, is_output, line, usage_of_line(line) if is_output else None)
+                try:
+                    rec = decode_record(line)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue  # not a whole record: the request is sent again
+                succeeded = rec.outcome == SUCCEEDED
+                self._record(i, succeeded, line, rec.tokens() if succeeded else None)
                 adopted += 1
         if adopted:
             log.info(
@@ -331,30 +352,35 @@ class ShardRun:
         for i, req in lines:
             if stop.is_set():
                 return
+            started = time.time()
             try:
-                result = await execute(req)
+                result = await execute(req, started)
             except Exception as exc:
                 # A defect, not the line's doing: that line fails, the shard goes on.
                 log.exception("shard %s/%d: line %d failed", *self.key, i, extra=about(self.claim))
-                result = (False, error_line(req.custom_id, "internal_error", repr(exc)), None)
+                failed = failure_record(req.custom_id, "internal_error", repr(exc), started)
+                result = (False, failed, None)
             if result is None:
                 continue  # stopped or past the deadline: left undone for the finaliser
             if isinstance(result, Parked):
                 self.park(result.until)  # left undone: sent after the pause
                 return
-            is_output, line, usage = result
+            succeeded, record, usage = result
             # In the journal before it counts as done (see the module's docstring).
-            journal.append(i, is_output, line)
-            self._record(i, is_output, line, usage)
+            journal.append(i, record)
+            self._record(i, succeeded, record, usage)
 
-    async def _execute(self, req: Request) -> tuple[bool, bytes, Usage | None] | Parked | None:
-        """One line, from its request to its result line (or why it has none yet)."""
+    async def _execute(self, req: Request, started: float) -> Result | Parked | None:
+        """One line, from its request to its result record (or why it has none yet);
+        ``started``: unix seconds when it was taken up."""
         if req.problem is not None:
-            return False, error_line(req.custom_id, "invalid_request", req.problem), None
+            return False, failure_record(
+                req.custom_id, "invalid_request", req.problem, started
+            ), None
         route = self.routes.get(req.model)
         if route is None:
             message = f"No deployment serves the model {req.model!r}."
-            return False, error_line(req.custom_id, "model_not_found", message), None
+            return False, failure_record(req.custom_id, "model_not_found", message, started), None
         try:
             resp = await send_with_retries(
                 route.send,
@@ -371,22 +397,26 @@ class ShardRun:
                 on_retry=route.meter.retry,
             )
         except BackendUnavailable as exc:
-            return False, error_line(req.custom_id, "backend_unavailable", str(exc)), None
+            return False, failure_record(
+                req.custom_id, "backend_unavailable", str(exc), started
+            ), None
         if resp is None or isinstance(resp, Parked):
             return resp
-        result = result_line(req.custom_id, resp)
+        result = answer_record(req.custom_id, resp, started)
         route.meter.tokens(result[2])
         return result
 
-    async def _execute_filtered(
-        self, req: Request
-    ) -> tuple[bool, bytes, Usage | None] | Parked | None:
+    async def _execute_filtered(self, req: Request, started: float) -> Result | Parked | None:
         """:meth:`_execute` inside the content filter (:mod:`batchd.engine.content_filter`)."""
         assert self.content_filter is not None
         if req.problem is not None:
-            return await self._execute(req)
+            return await self._execute(req, started)
         return await self.content_filter.execute(
-            lambda: self._execute(req), self.claim.endpoint, req.custom_id, req.body
+            lambda: self._execute(req, started),
+            self.claim.endpoint,
+            req.custom_id,
+            req.body,
+            started,
         )
 
     async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:

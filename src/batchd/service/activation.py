@@ -9,15 +9,34 @@ from __future__ import annotations
 
 import logging
 
-from batchd.config import Settings
+from batchd.config import Deployment, Settings
 from batchd.errors import QuotaExceeded
-from batchd.models import BatchRecord, ValidationIssue, now
+from batchd.models import MESSAGES_ENDPOINT, BatchRecord, ValidationIssue, now
 from batchd.service.validation import MAX_ISSUES, mismatched_lines
 from batchd.store.protocols import BatchStore, FileStore
 from batchd.telemetry.logs import about
 from batchd.tokens import InputCounter
 
 log = logging.getLogger(__name__)
+
+
+def _unserved(model: str, deployment: Deployment | None, endpoint: str) -> str | None:
+    """Why no deployment runs ``model`` for ``endpoint``, or None when one does. A deployment
+    with ``api_style = "anthropic"`` serves only :data:`MESSAGES_ENDPOINT`, and that endpoint
+    runs only there (a message batch for any other deployment is translated instead)."""
+    if deployment is None:
+        return f"no deployment serves the model {model!r}."
+    if deployment.speaks_messages and endpoint != MESSAGES_ENDPOINT:
+        return (
+            f"the deployment of model {model!r} speaks Anthropic's {MESSAGES_ENDPOINT} "
+            f"(api_style 'anthropic'): it runs message batches, not {endpoint}."
+        )
+    if endpoint == MESSAGES_ENDPOINT and not deployment.speaks_messages:
+        return (
+            f"the deployment of model {model!r} does not speak {MESSAGES_ENDPOINT} "
+            "(its api_style is not 'anthropic')."
+        )
+    return None
 
 
 class Activator:
@@ -65,16 +84,15 @@ class Activator:
         )
         model = next(iter(summary.models), None)
         deployment = self._settings.deployment_for(model) if model else None
-        if model and len(summary.models) == 1 and deployment is None:
-            first_line = summary.models[model][1]
-            issues.append(
-                ValidationIssue(
-                    "model_not_found",
-                    f"Line {first_line}: no deployment serves the model {model!r}.",
-                    first_line,
-                    "body.model",
+        if model and len(summary.models) == 1:
+            why = _unserved(model, deployment, batch.endpoint)
+            if why is not None:
+                first_line = summary.models[model][1]
+                issues.append(
+                    ValidationIssue(
+                        "model_not_found", f"Line {first_line}: {why}", first_line, "body.model"
+                    )
                 )
-            )
         at = now()
         if issues:
             issues.sort(key=lambda i: i.line or 0)

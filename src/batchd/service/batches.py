@@ -10,9 +10,11 @@ from batchd.backends.base import ENDPOINTS, normalise_endpoint
 from batchd.config import Settings, parse_window
 from batchd.errors import Conflict, InvalidRequest, NotFound, excerpt
 from batchd.models import (
+    API_ANTHROPIC,
     API_AZURE,
     API_OPENAI,
     CANCELLING,
+    MESSAGES_ENDPOINT,
     PURPOSE_BATCH,
     TERMINAL,
     VALIDATING,
@@ -98,7 +100,8 @@ class BatchService:
     ) -> BatchRecord:
         """Create a batch and start it (or fail it with every problem of its input).
         ``api``: the URL tree it was made on; ``API_AZURE`` echoes ``endpoint`` as sent and
-        always gets both result files."""
+        always gets both result files; only ``API_ANTHROPIC`` (a message batch) may name
+        :data:`MESSAGES_ENDPOINT`."""
         if not isinstance(input_file_id, str) or not input_file_id:
             raise InvalidRequest(
                 "input_file_id is required.",
@@ -106,6 +109,8 @@ class BatchService:
                 param="input_file_id",
             )
         canonical = normalise_endpoint(endpoint) if isinstance(endpoint, str) else None
+        if api == API_ANTHROPIC and endpoint == MESSAGES_ENDPOINT:
+            canonical = MESSAGES_ENDPOINT  # a message batch for a /v1/messages deployment
         if canonical is None:
             raise InvalidRequest(
                 f"Invalid endpoint {excerpt(endpoint)}; expected one of {', '.join(ENDPOINTS)}.",

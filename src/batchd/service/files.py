@@ -12,6 +12,7 @@ from typing import Any
 import anyio.to_thread
 
 from batchd.blobs.base import Blobs, BlobWriter
+from batchd.blobs.keys import input_key
 from batchd.config import Settings
 from batchd.errors import (
     BlobNotFound,
@@ -40,10 +41,6 @@ log = logging.getLogger(__name__)
 PURPOSES = ("batch", "fine-tune", "assistants", "vision", "user_data", "evals")
 DEFAULT_INPUT_EXPIRY = 30 * 86400
 VALIDATE_CHUNK = 1024 * 1024
-
-
-def input_key(file_id: str) -> str:
-    return f"inputs/{file_id}"
 
 
 MAX_FILENAME = 255
@@ -158,6 +155,11 @@ class FileService:
         self._store = files
         self._blobs = blobs
         self._metrics = metrics
+
+    @property
+    def blobs(self) -> Blobs:
+        """Where file bytes (and every other blob) are stored."""
+        return self._blobs
 
     @property
     def max_file_bytes(self) -> int:

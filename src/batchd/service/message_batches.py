@@ -1,22 +1,26 @@
 """Anthropic's Message Batches: create, read, list, cancel, delete and results.
 
 A message batch is an adapter over one ordinary batch of the project: its inline requests are
-checked, translated to chat completions (``service/messages_format.py``) and stored as the
-batch's input file (``msgbatch_ID.jsonl``, purpose ``batch``), and the batch is created through
+checked, translated to chat completions (``service/messages_format.py``) or, when the model's
+deployment speaks ``/v1/messages`` itself (``api_style = "anthropic"``), kept as they are
+(endpoint ``/v1/messages``), and stored as the batch's input file (``msgbatch_ID.jsonl``,
+purpose ``batch``), and the batch is created through
 :class:`BatchService`, so the same engine, deployments, quotas, fair shares and limits apply.
 The message batch's id is the batch's with the prefix ``msgbatch_`` instead of ``batch_``.
-Results are rendered at read time from the batch's output and error files, one Anthropic
-result line per line. Limits (Anthropic's): ``anthropic.max_requests`` requests (100,000),
-``anthropic.max_batch_bytes`` of create body (256 MB), results readable for
+Results are rendered at read time from the batch's result records
+(:func:`batchd.results.reader.read_results`, in the order they were committed), one Anthropic
+result line per record (:mod:`batchd.results.anthropic`). Limits (Anthropic's):
+``anthropic.max_requests`` requests (100,000), ``anthropic.max_batch_bytes`` of create body
+(256 MB), results readable for
 ``anthropic.results_retention_seconds`` after creation (29 days), then archived.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -26,19 +30,25 @@ from batchd.models import (
     API_ANTHROPIC,
     CANCELLING,
     FAILED,
+    MESSAGES_ENDPOINT,
     PURPOSE_BATCH,
     BatchRecord,
     now,
 )
+from batchd.results.anthropic import anthropic_line, errored
+from batchd.results.reader import read_results
+from batchd.results.record import CANCELLED, EXPIRED, Record, line_id
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
-from batchd.service.messages_format import chat_body, errored_line, result_line
+from batchd.service.messages_format import CHAT_ENDPOINT, chat_body, messages_body
 from batchd.store.message_batches import MessageBatchRow
-from batchd.store.protocols import MessageBatchRecords
+from batchd.store.protocols import MessageBatchRecords, QueueStore
 
 PREFIX = "msgbatch_"
 _CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}", re.ASCII)
 _WRITE_CHUNK = 1024 * 1024
+# request_counts of the records that did not succeed (any other outcome is ``errored``)
+_COUNTED = {CANCELLED: "canceled", EXPIRED: "expired"}
 
 
 def batch_id_of(mb_id: str) -> str:
@@ -64,9 +74,19 @@ def _not_found(mb_id: str) -> NotFound:
     )
 
 
-def jsonl_of(requests: Any, max_requests: int) -> tuple[bytes, str]:
-    """The batch input (chat completions JSONL) for a create body's ``requests``, and the one
-    model it uses. Raises :class:`InvalidRequest` naming ``requests.N.<field>``."""
+def _model_of(item: Any) -> str | None:
+    params = item.get("params") if isinstance(item, dict) else None
+    model = params.get("model") if isinstance(params, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def jsonl_of(
+    requests: Any, max_requests: int, speaks_messages: Callable[[str], bool]
+) -> tuple[bytes, str, str]:
+    """The batch input for a create body's ``requests``, the one model it uses and the batch
+    endpoint: the params as they are (``/v1/messages``) when ``speaks_messages(model)`` (its
+    deployment has ``api_style = "anthropic"``), else translated to chat completions. Raises
+    :class:`InvalidRequest` naming ``requests.N.<field>``."""
     if not isinstance(requests, list) or not requests:
         raise InvalidRequest("requests: expected a non-empty list.", param="requests")
     if len(requests) > max_requests:
@@ -74,6 +94,10 @@ def jsonl_of(requests: Any, max_requests: int) -> tuple[bytes, str]:
             f"requests: {len(requests)} requests; at most {max_requests} per batch.",
             param="requests",
         )
+    first = _model_of(requests[0])
+    passthrough = first is not None and speaks_messages(first)
+    to_body = messages_body if passthrough else chat_body
+    url = MESSAGES_ENDPOINT if passthrough else CHAT_ENDPOINT
     seen: set[str] = set()
     models: set[str] = set()
     lines = []
@@ -94,20 +118,19 @@ def jsonl_of(requests: Any, max_requests: int) -> tuple[bytes, str]:
             )
         seen.add(custom_id)
         try:
-            body = chat_body(item.get("params"))
+            body = to_body(item.get("params"))
         except InvalidRequest as exc:
             field = f"{where}.params.{exc.param}" if exc.param != "params" else f"{where}.params"
             raise InvalidRequest(f"{where}.params.{exc.message}", param=field) from None
         models.add(body["model"])
-        line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-                "body": body}
+        line = {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
         lines.append(orjson.dumps(line))
     if len(models) > 1:
         raise InvalidRequest(
             f"requests use {len(models)} models; batchd runs one model per message batch.",
             param="requests",
         )
-    return b"\n".join(lines) + b"\n", models.pop()
+    return b"\n".join(lines) + b"\n", models.pop(), url
 
 
 class MessageBatchService:
@@ -117,11 +140,21 @@ class MessageBatchService:
         files: FileService,
         batches: BatchService,
         store: MessageBatchRecords,
+        results: QueueStore,
     ) -> None:
+        """``store``: the message batch rows; ``results``: the queue their batches' committed
+        results are read from."""
         self._settings = settings.anthropic
+        self._deployments = settings
         self._files = files
         self._batches = batches
         self._store = store
+        self._results = results
+
+    def _speaks_messages(self, model: str) -> bool:
+        """The model's deployment speaks ``/v1/messages`` (``api_style = "anthropic"``)."""
+        deployment = self._deployments.deployment_for(model)
+        return deployment is not None and deployment.speaks_messages
 
     @property
     def max_body_bytes(self) -> int:
@@ -132,7 +165,7 @@ class MessageBatchService:
         """Check and translate the requests, store them as a batch input, create the batch.
         A batch whose input the engine refuses (no deployment serves the model, a quota) is
         a 400 naming the first problem, and nothing of it stays listed."""
-        data, _ = jsonl_of(requests, self._settings.max_requests)
+        data, _, endpoint = jsonl_of(requests, self._settings.max_requests, self._speaks_messages)
         retention = self._settings.results_retention_seconds
         upload = self._files.begin_upload("message_batch.jsonl")
         try:
@@ -155,7 +188,7 @@ class MessageBatchService:
             rec = await self._batches.create(
                 project,
                 input_file_id=file.id,
-                endpoint="/v1/chat/completions",
+                endpoint=endpoint,
                 completion_window="24h",
                 output_expires_after={"anchor": "created_at", "seconds": retention},
                 api=API_ANTHROPIC,
@@ -235,9 +268,9 @@ class MessageBatchService:
             # request is errored, with the reason (see _render)
             async for _ in self._refused(row.project, rec):
                 counts["errored"] += 1
-        async for line in self._error_lines(row.project, rec):
-            kind = line["result"]["type"]
-            counts[kind if kind in ("canceled", "expired") else "errored"] += 1
+        async for _, record in self._records(rec, "failed"):
+            outcome = record.outcome
+            counts[_COUNTED.get(outcome, "errored")] += 1
         await self._store.keep_counts(row.id, counts)
         return {"processing": 0, **counts}
 
@@ -271,7 +304,7 @@ class MessageBatchService:
     # -- results -------------------------------------------------------------------
     async def results(self, project: str, mb_id: str) -> AsyncIterator[bytes]:
         """The result lines (JSONL, the ``anthropic`` SDK's ``MessageBatchIndividualResponse``)
-        of an ended, unarchived message batch: its successes, then everything else."""
+        of an ended, unarchived message batch, in the order they were committed."""
         row, rec = await self.get(project, mb_id)
         if not rec.ended:
             raise InvalidRequest(
@@ -289,9 +322,14 @@ class MessageBatchService:
     async def _render(self, project: str, rec: BatchRecord) -> AsyncIterator[bytes]:
         async for line in self._refused(project, rec):
             yield orjson.dumps(line) + b"\n"
-        for file_id in (rec.output_file_id, rec.error_file_id):
-            async for line in self._lines(project, file_id):
-                yield orjson.dumps(result_line(line)) + b"\n"
+        async for pos, record in self._records(rec):
+            message_id = "msg_" + line_id(rec.id, pos).removeprefix("batch_req_")
+            yield orjson.dumps(anthropic_line(record, rec.endpoint, message_id)) + b"\n"
+
+    def _records(
+        self, rec: BatchRecord, outcome: Literal["failed"] | None = None
+    ) -> AsyncIterator[tuple[int, Record]]:
+        return read_results(self._results, self._files.blobs, rec.id, outcome=outcome)
 
     async def _refused(self, project: str, rec: BatchRecord) -> AsyncIterator[dict[str, Any]]:
         """For a batch refused as a whole (``failed``: a token quota, say), an ``errored``
@@ -301,14 +339,10 @@ class MessageBatchService:
         why = rec.errors[0].message if rec.errors else "The batch could not start."
         async for line in self._lines(project, rec.input_file_id):
             if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
-                yield errored_line(line["custom_id"], 400, why)
-
-    async def _error_lines(self, project: str, rec: BatchRecord) -> AsyncIterator[dict[str, Any]]:
-        async for line in self._lines(project, rec.error_file_id):
-            yield result_line(line)
+                yield errored(line["custom_id"], 400, why)
 
     async def _lines(self, project: str, file_id: str | None) -> AsyncIterator[Any]:
-        """The JSON lines of a result file (none when there is no such file)."""
+        """The JSON lines of a file (none when there is no such file)."""
         if file_id is None:
             return
         try:

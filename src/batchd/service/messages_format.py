@@ -29,6 +29,8 @@ import orjson
 
 from batchd.errors import InvalidRequest
 
+CHAT_ENDPOINT = "/v1/chat/completions"
+
 _PARAMS = frozenset(
     {
         "model",
@@ -184,6 +186,33 @@ def _number(params: dict[str, Any], key: str, low: float, high: float | None) ->
     return value
 
 
+def _required(params: dict[str, Any]) -> tuple[str, int, list[Any]]:
+    """``model``, ``max_tokens`` and ``messages``, checked (every Messages request has them)."""
+    model, max_tokens, messages = (params.get(k) for k in ("model", "max_tokens", "messages"))
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: Field required.", code="missing_required_parameter",
+                             param="model")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise _bad("max_tokens: expected an integer of at least 1.", "max_tokens")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages: expected a non-empty list.", "messages")
+    return model, max_tokens, messages
+
+
+def messages_body(params: Any) -> dict[str, Any]:
+    """One request's Messages ``params`` as the body for an upstream that speaks
+    ``/v1/messages`` (``api_style = "anthropic"``): unchanged, once ``model``, ``max_tokens``
+    and ``messages`` are there and ``stream`` is not asked for (a batch does not stream).
+    Every other param is the upstream's to accept or refuse (a refusal is an ``errored``
+    result). Raises :class:`InvalidRequest` naming the field relative to ``params``."""
+    if not isinstance(params, dict):
+        raise _bad("params: expected an object.", "params")
+    _required(params)
+    if params.get("stream") not in (None, False):
+        raise _bad("stream: a message batch does not stream; leave it out.", "stream")
+    return params
+
+
 def chat_body(params: Any) -> dict[str, Any]:
     """The chat completions body for one request's Messages ``params``.
 
@@ -194,14 +223,7 @@ def chat_body(params: Any) -> dict[str, Any]:
     unknown = sorted(set(params) - _PARAMS)
     if unknown:
         raise _bad(f"{unknown[0][:64]}: not supported by batchd's Message Batches.", unknown[0])
-    model, max_tokens, messages = (params.get(k) for k in ("model", "max_tokens", "messages"))
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model: Field required.", code="missing_required_parameter",
-                             param="model")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise _bad("max_tokens: expected an integer of at least 1.", "max_tokens")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages: expected a non-empty list.", "messages")
+    model, max_tokens, messages = _required(params)
     chat: list[dict[str, Any]] = []
     if params.get("system") is not None:
         chat.append({"role": "system", "content": _text_of(params["system"], "system")})
@@ -312,8 +334,9 @@ _ERROR_TYPES = {
     504: "timeout_error",
     529: "overloaded_error",
 }
-# Inside a result line the SDK parses ``error.error`` as one of these only.
-_RESULT_ERROR_TYPES = frozenset(_ERROR_TYPES.values()) - {"request_too_large"}
+# Inside a result line the SDK parses ``error.error`` as one of these only (its
+# ``ErrorObject`` union): ``api_error`` included, ``request_too_large`` not.
+RESULT_ERROR_TYPES = frozenset(_ERROR_TYPES.values()) - {"request_too_large"} | {"api_error"}
 
 
 def error_type(status: int) -> str:
@@ -326,45 +349,3 @@ def error_envelope(status: int, message: str) -> dict[str, Any]:
     """Anthropic's error body: ``{"type": "error", "error": {"type", "message"}}``."""
     error: dict[str, str] = {"type": error_type(status), "message": message}
     return {"type": "error", "error": error}
-
-
-def _object(value: Any) -> dict[str, Any] | None:
-    return value if isinstance(value, dict) else None
-
-
-def result_line(line: Any) -> dict[str, Any]:
-    """The Anthropic result line (``{custom_id, result: {type, message|error}}``) for one
-    line of a batch's output or error file (CONTRACT.md's OpenAI line shapes)."""
-    doc = line if isinstance(line, dict) else {}
-    custom_id = str(doc.get("custom_id") or "")
-    response = _object(doc.get("response"))
-    top_error = _object(doc.get("error"))
-    if response is None:
-        code = top_error.get("code") if top_error else None
-        if code == "batch_cancelled":
-            return {"custom_id": custom_id, "result": {"type": "canceled"}}
-        if code == "batch_expired":
-            return {"custom_id": custom_id, "result": {"type": "expired"}}
-        why = str(top_error.get("message") if top_error else "The request was not run.")
-        return _errored(custom_id, 500, why)
-    status = _int(response.get("status_code"))
-    body = response.get("body")
-    if 200 <= status < 300:
-        req_id = str(doc.get("id") or "").removeprefix("batch_req_")
-        message = message_of(body, f"msg_{req_id}")
-        return {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
-    err = body.get("error") if isinstance(body, dict) else None
-    text = err.get("message") if isinstance(err, dict) else None
-    return _errored(custom_id, status, str(text or f"The model server answered {status}."))
-
-
-def errored_line(custom_id: str, status: int, message: str) -> dict[str, Any]:
-    """A request's ``errored`` result with Anthropic's error envelope."""
-    return _errored(custom_id, status, message)
-
-
-def _errored(custom_id: str, status: int, message: str) -> dict[str, Any]:
-    envelope = error_envelope(status, message)
-    if envelope["error"]["type"] not in _RESULT_ERROR_TYPES:
-        envelope["error"]["type"] = "invalid_request_error"
-    return {"custom_id": custom_id, "result": {"type": "errored", "error": envelope}}

@@ -10,7 +10,12 @@ mid-way leaves nothing the next pass cannot finish:
 2. every deleted file that no unfinished batch reads loses its bytes, then its row
    (:meth:`batchd.service.files.FileService.collect_if_unused`: a blob already gone is no
    error, so a crash between the two only repeats the first);
-3. idempotency keys past their 24 h are forgotten.
+3. the results of a batch whose result files are all gone (expired or deleted: the
+   output and error files, rendered from them, were the last to need them; for a message
+   batch too, whose results are kept as long as its files) lose their part blobs, then
+   their part rows (a crash between the two repeats the first: a blob already gone is no
+   error);
+4. idempotency keys past their 24 h are forgotten.
 
 A file that a running batch still reads (its input) keeps its bytes until the batch ends:
 step 2 skips it, and the pass after the batch's end collects it.
@@ -57,7 +62,12 @@ class Reaper:
         ):
             return False
         at = now()
-        for step in (self._expire(at), self._collect(), self._keys.forget_lapsed(at)):
+        for step in (
+            self._expire(at),
+            self._collect(),
+            self._drop_results(),
+            self._keys.forget_lapsed(at),
+        ):
             try:  # each step on its own: one that fails never stops the others
                 await step
             except Exception:
@@ -75,6 +85,14 @@ class Reaper:
                 await self._files.collect_if_unused(rec)
             except Exception:
                 log.exception("file %s: removing its bytes failed; tried again later", rec.id)
+
+    async def _drop_results(self) -> None:
+        queue = self._store.queue
+        for batch_id in await queue.batches_with_results_gone(self._batch):
+            parts = await queue.result_parts(batch_id)
+            await self._files.blobs.delete_many(p.key for p in parts)
+            await queue.delete_result_parts(batch_id)
+            log.info("batch %s: its results are deleted with its result files", batch_id)
 
     async def release(self) -> None:
         """Give the lease up (a clean stop), so that another process takes over at once."""

@@ -40,7 +40,8 @@ from batchd.models import (
     ValidationIssue,
     new_id,
 )
-from batchd.store.keyed import KeyState, held_key
+from batchd.store.memory_keyed import KeyRow, MemoryIdempotencyKeys, MemoryLeases
+from batchd.store.memory_message_batches import MemoryMessageBatches
 from batchd.store.message_batches import MessageBatchRow
 from batchd.store.protocols import IdempotencyKeyStore, ShardCheckpoint, Store
 from batchd.store.rows import UNFINISHED
@@ -95,13 +96,6 @@ class _Slots:
 
 
 @dataclass
-class _Key:
-    fingerprint: str
-    result_id: str | None
-    created_at: int
-
-
-@dataclass
 class MemoryState:
     """Every table of the store, as dicts keyed like the tables' primary keys."""
 
@@ -111,7 +105,7 @@ class MemoryState:
     parts: dict[tuple[str, int, int], Part] = field(default_factory=dict)
     events: dict[str, _Event] = field(default_factory=dict)
     slots: dict[tuple[str, str], _Slots] = field(default_factory=dict)  # (deployment, owner)
-    keys: dict[tuple[str, str, str], _Key] = field(default_factory=dict)
+    keys: dict[tuple[str, str, str], KeyRow] = field(default_factory=dict)
     leases: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> owner, until
     message_batches: dict[str, MessageBatchRow] = field(default_factory=dict)
 
@@ -150,12 +144,32 @@ class MemoryState:
         event = BatchEvent(new_id("evt_"), project, batch_id, f"batch.{status}", at, 0)
         self.events[event.id] = _Event(event)
 
+    def add_part(self, part: Part, usage: Usage) -> None:
+        """Commit ``part`` to its batch: its first position is the batch's ``completed +
+        failed`` before its counts are added (the SQL store's rule), ``usage`` added too."""
+        key = (part.batch_id, part.shard_idx, part.seq)
+        if key in self.parts:
+            raise StoreError(f"metadata store write failed: duplicate part {key}")
+        rec = self.batches[part.batch_id].rec
+        self.parts[key] = replace(part, first_pos=rec.completed + rec.failed)
+        rec.completed += part.out_lines
+        rec.failed += part.err_lines
+        rec.usage = Usage(
+            rec.usage.input_tokens + usage.input_tokens,
+            rec.usage.cached_tokens + usage.cached_tokens,
+            rec.usage.output_tokens + usage.output_tokens,
+            rec.usage.reasoning_tokens + usage.reasoning_tokens,
+        )
+
+    def drop_parts(self, batch_id: str) -> None:
+        for key in [k for k in self.parts if k[0] == batch_id]:
+            del self.parts[key]
+
     def drop_batch(self, batch_id: str) -> None:
         """Delete a batch and what refers to it (the tables' ``ON DELETE CASCADE``)."""
         del self.batches[batch_id]
         self.shards.pop(batch_id, None)
-        for key in [k for k in self.parts if k[0] == batch_id]:
-            del self.parts[key]
+        self.drop_parts(batch_id)
         for mb in [m.id for m in self.message_batches.values() if m.batch_id == batch_id]:
             del self.message_batches[mb]
 
@@ -512,19 +526,7 @@ class MemoryQueueStore:
                 if part is None:
                     continue
                 sh.part_seq = part.seq
-                key = (part.batch_id, part.shard_idx, part.seq)
-                if key in self._s.parts:
-                    raise StoreError(f"metadata store write failed: duplicate part {key}")
-                self._s.parts[key] = part
-                rec = self._s.batches[ck.claim.batch_id].rec
-                rec.completed += part.out_lines
-                rec.failed += part.err_lines
-                rec.usage = Usage(
-                    rec.usage.input_tokens + ck.usage.input_tokens,
-                    rec.usage.cached_tokens + ck.usage.cached_tokens,
-                    rec.usage.output_tokens + ck.usage.output_tokens,
-                    rec.usage.reasoning_tokens + ck.usage.reasoning_tokens,
-                )
+                self._s.add_part(part, ck.usage)
         return lost
 
     def _ready(self, b: _Batch, now: float) -> bool:
@@ -574,9 +576,6 @@ class MemoryQueueStore:
         shards = self._s.shards.get(batch_id, {})
         return [(i, shards[i].span, shards[i].done) for i in sorted(shards)]
 
-    async def batch_parts(self, batch_id: str) -> list[Part]:
-        return [self._s.parts[k] for k in sorted(k for k in self._s.parts if k[0] == batch_id)]
-
     async def complete_batch(
         self,
         batch_id: str,
@@ -604,10 +603,40 @@ class MemoryQueueStore:
             b.rec.error_file_id = error_file.id if error_file else None
             b.final_owner = b.final_until = None
             setattr(b.rec, stamp[status], at)  # KeyError for "failed", as in the SQL store
-            for key in [k for k in self._s.parts if k[0] == batch_id]:
-                del self._s.parts[key]
             self._s.record_event(batch_id, status, at)
         return True
+
+    def _of(self, batch_id: str) -> list[Part]:
+        return sorted(
+            (p for k, p in self._s.parts.items() if k[0] == batch_id), key=lambda p: p.first_pos
+        )
+
+    async def result_parts(self, batch_id: str, after_pos: int = -1) -> list[Part]:
+        return [p for p in self._of(batch_id) if p.first_pos + p.lines > after_pos + 1]
+
+    async def commit_last_part(self, part: Part, owner: str) -> bool:
+        if self._finalising(part.batch_id, owner) is None:
+            return False
+        if (part.batch_id, part.shard_idx, part.seq) not in self._s.parts:
+            self._s.add_part(part, Usage())
+        return True
+
+    async def batches_with_results_gone(self, limit: int = 100) -> list[str]:
+        def gone(file_id: str | None) -> bool:
+            f = self._s.files.get(file_id) if file_id is not None else None
+            return f is None or f.deleted_at is not None
+
+        with_parts = {k[0] for k in self._s.parts}
+        return sorted(
+            i
+            for i in with_parts
+            if (b := self._s.batches[i]).rec.status in TERMINAL
+            and gone(b.rec.output_file_id)
+            and gone(b.rec.error_file_id)
+        )[:limit]
+
+    async def delete_result_parts(self, batch_id: str) -> None:
+        self._s.drop_parts(batch_id)
 
     async def queue_state(self, now: float) -> QueueState:
         by_status: dict[str, int] = {}
@@ -722,107 +751,6 @@ class MemorySlotStore:
     async def release_slots(self, owner: str) -> None:
         for key in [k for k in self._s.slots if k[1] == owner]:
             del self._s.slots[key]
-
-
-class MemoryIdempotencyKeys:
-    """See :class:`batchd.store.keyed.IdempotencyKeys`: ``ttl`` and ``stale`` in seconds."""
-
-    def __init__(self, state: MemoryState, *, ttl: int = 86400, stale: int = 3600) -> None:
-        self._s = state
-        self._ttl = ttl
-        self._stale = stale
-
-    async def claim(
-        self, project: str, kind: str, key: str, fingerprint: str, now: int
-    ) -> KeyState:
-        k = self._s.keys.get((project, kind, key))
-        if k is not None:
-            held = held_key(
-                k.fingerprint, k.result_id, k.created_at, fingerprint, now,
-                ttl=self._ttl, stale=self._stale,
-            )
-            if held is not None:
-                return held
-        self._s.keys[(project, kind, key)] = _Key(fingerprint, None, now)
-        return KeyState("new")
-
-    async def finish(self, project: str, kind: str, key: str, result_id: str) -> None:
-        k = self._s.keys.get((project, kind, key))
-        if k is not None:
-            k.result_id = result_id
-
-    async def release(self, project: str, kind: str, key: str) -> None:
-        k = self._s.keys.get((project, kind, key))
-        if k is not None and k.result_id is None:
-            del self._s.keys[(project, kind, key)]
-
-    async def forget_lapsed(self, now: int) -> int:
-        lapsed = [n for n, k in self._s.keys.items() if k.created_at <= now - self._ttl]
-        for n in lapsed:
-            del self._s.keys[n]
-        return len(lapsed)
-
-
-class MemoryLeases:
-    def __init__(self, state: MemoryState) -> None:
-        self._s = state
-
-    async def acquire(self, name: str, owner: str, now: float, seconds: float) -> bool:
-        held = self._s.leases.get(name)
-        if held is not None and held[0] != owner and held[1] >= now:
-            return False
-        self._s.leases[name] = (owner, now + seconds)
-        return True
-
-    async def release(self, name: str, owner: str) -> None:
-        if self._s.leases.get(name, ("", 0.0))[0] == owner:
-            del self._s.leases[name]
-
-
-class MemoryMessageBatches:
-    def __init__(self, state: MemoryState) -> None:
-        self._s = state
-
-    def _visible(self, project: str) -> list[tuple[MessageBatchRow, BatchRecord]]:
-        return [
-            (copy.deepcopy(m), copy.deepcopy(self._s.batches[m.batch_id].rec))
-            for m in self._s.message_batches.values()
-            if m.project == project and m.deleted_at is None and m.batch_id in self._s.batches
-        ]
-
-    async def insert(self, row: MessageBatchRow) -> None:
-        if row.id in self._s.message_batches or row.batch_id not in self._s.batches:
-            raise StoreError(f"metadata store write failed: message batch {row.id}")
-        self._s.message_batches[row.id] = MessageBatchRow(
-            row.id, row.project, row.batch_id, row.created_at
-        )
-
-    async def get(self, project: str, mb_id: str) -> tuple[MessageBatchRow, BatchRecord] | None:
-        return next((r for r in self._visible(project) if r[0].id == mb_id), None)
-
-    async def list(
-        self, project: str, *, limit: int, after: str | None, before: str | None
-    ) -> tuple[list[tuple[MessageBatchRow, BatchRecord]], bool]:
-        rows = self._visible(project)
-        if before:
-            rows = sorted((r for r in rows if r[0].id > before), key=lambda r: r[0].id)
-        else:
-            rows = [r for r in rows if not after or r[0].id < after]
-            rows.sort(key=lambda r: r[0].id, reverse=True)
-        out = rows[:limit]
-        return (out[::-1] if before else out), len(rows) > limit
-
-    async def keep_counts(self, mb_id: str, counts: dict[str, int]) -> None:
-        m = self._s.message_batches.get(mb_id)
-        if m is not None:
-            self._s.message_batches[mb_id] = replace(m, counts=dict(counts))
-
-    async def mark_deleted(self, project: str, mb_id: str, at: int) -> bool:
-        m = self._s.message_batches.get(mb_id)
-        if m is None or m.project != project or m.deleted_at is not None:
-            return False
-        self._s.message_batches[mb_id] = replace(m, deleted_at=at)
-        return True
 
 
 class _Connection:

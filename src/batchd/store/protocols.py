@@ -231,7 +231,12 @@ class QueueStore(Protocol):
     ) -> list[tuple[str, int]]:
         """Several shards' checkpoints in one transaction, each fenced by its own token;
         the shards whose lease was lost (nothing of them stored). For each other shard its
-        part, done-bitmap and its batch's counters are stored together."""
+        part, done-bitmap and its batch's counters are stored together.
+
+        Positions: each batch's new parts get ``first_pos`` from the batch's ``completed +
+        failed`` before this commit, in the order of ``checkpoints``, so a batch's
+        positions are contiguous from 0 and in commit order across every process on the
+        store."""
         ...
 
     async def claim_finalize(
@@ -254,10 +259,6 @@ class QueueStore(Protocol):
         """``(idx, span, done-bitmap)`` of each shard, by idx."""
         ...
 
-    async def batch_parts(self, batch_id: str) -> list[Part]:
-        """The stored parts, by (shard, seq)."""
-        ...
-
     async def complete_batch(
         self,
         batch_id: str,
@@ -271,8 +272,32 @@ class QueueStore(Protocol):
         failed: int,
     ) -> bool:
         """End the batch with ``status`` (terminal; ``ValueError`` otherwise), record its
-        result files, drop its parts and record the ``batch.<status>`` event, in one
-        transaction. False (nothing changed) if the lease was lost or the batch ended."""
+        result files and the ``batch.<status>`` event, in one transaction; its parts stay
+        (they are its results, see :meth:`result_parts`). False (nothing changed) if the
+        lease was lost or the batch ended."""
+        ...
+
+    async def result_parts(self, batch_id: str, after_pos: int = -1) -> list[Part]:
+        """The committed parts of a batch holding a position after ``after_pos`` (their
+        last position ``first_pos + lines - 1`` is greater), by ``first_pos``: the order
+        their results were committed. Empty for an unknown batch."""
+        ...
+
+    async def commit_last_part(self, part: Part, owner: str) -> bool:
+        """Add a finalising batch's last part (its never-executed requests, shard
+        :data:`batchd.models.UNEXECUTED_SHARD`) with its counts, positions after every
+        executed result, fenced by ``owner``'s finalising lease. Idempotent: True when the
+        part (same batch, shard and seq) is stored, now or by an earlier attempt; False
+        (nothing changed) when the lease was lost or the batch ended."""
+        ...
+
+    async def batches_with_results_gone(self, limit: int = 100) -> list[str]:
+        """Up to ``limit`` ended batches that still have parts while none of their result
+        files is left (never made, purged, or marked deleted): their parts can go."""
+        ...
+
+    async def delete_result_parts(self, batch_id: str) -> None:
+        """Forget a batch's parts (the caller deletes their blobs first)."""
         ...
 
     async def queue_state(self, now: float) -> QueueState:

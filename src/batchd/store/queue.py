@@ -1,6 +1,6 @@
 """The work queue in the SQL store (:class:`batchd.store.protocols.QueueStore`): shards
 leased to engines and renewed by their heartbeat, checkpoints fenced by the lease token, the
-parts they store, and the finalising lease that ends a batch."""
+parts they store with their result positions, and the finalising lease that ends a batch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import and_, delete, exists, func, insert, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd.errors import LeaseLost
 from batchd.models import (
@@ -27,7 +28,7 @@ from batchd.models import (
 from batchd.store import state
 from batchd.store.db import Database
 from batchd.store.protocols import ShardCheckpoint
-from batchd.store.rows import HAS_SHARDS, batch_record, file_values, record_event
+from batchd.store.rows import HAS_SHARDS, batch_record, file_values, part_record, record_event
 from batchd.store.schema import batches, files, parts, shards
 
 
@@ -48,6 +49,50 @@ def _finalising(batch_id: str, owner: str) -> Any:
         batches.c.final_owner == owner,
         batches.c.status.not_in(tuple(TERMINAL)),
     )
+
+
+async def _commit_parts(
+    conn: AsyncConnection, batch_id: str, new_parts: Sequence[Part], usage: Usage
+) -> None:
+    """Add ``new_parts`` (in this order) to a batch, with their counts and ``usage`` added to
+    its counters, inside the caller's transaction. Positions come from the batch row's
+    ``completed + failed`` as the update leaves it, read under that row's lock (the update
+    takes it on PostgreSQL; SQLite runs one write transaction at a time), so positions are
+    contiguous and in commit order across processes."""
+    out = sum(p.out_lines for p in new_parts)
+    err = sum(p.err_lines for p in new_parts)
+    row = (
+        await conn.execute(
+            update(batches)
+            .where(batches.c.id == batch_id)
+            .values(
+                completed=batches.c.completed + out,
+                failed=batches.c.failed + err,
+                input_tokens=batches.c.input_tokens + usage.input_tokens,
+                cached_tokens=batches.c.cached_tokens + usage.cached_tokens,
+                output_tokens=batches.c.output_tokens + usage.output_tokens,
+                reasoning_tokens=batches.c.reasoning_tokens + usage.reasoning_tokens,
+            )
+            .returning(batches.c.completed, batches.c.failed)
+        )
+    ).one()
+    pos = row.completed + row.failed - out - err
+    rows = []
+    for p in new_parts:
+        rows.append(
+            {
+                "batch_id": batch_id,
+                "shard_idx": p.shard_idx,
+                "seq": p.seq,
+                "blob_key": p.key,
+                "out_lines": p.out_lines,
+                "err_lines": p.err_lines,
+                "first_pos": pos,
+            }
+        )
+        pos += p.lines
+    if rows:
+        await conn.execute(insert(parts), rows)
 
 
 class SqlQueueStore:
@@ -235,8 +280,7 @@ class SqlQueueStore:
         if not checkpoints:
             return lost
         async with self._db.write() as conn:
-            part_rows: list[dict[str, Any]] = []
-            counters: dict[str, list[int]] = {}
+            added: dict[str, tuple[list[Part], Usage]] = {}
             for ck in checkpoints:
                 claim, part = ck.claim, ck.part
                 values: dict[str, Any] = {"done": ck.done}
@@ -254,44 +298,12 @@ class SqlQueueStore:
                     continue
                 if part is None:
                     continue
-                part_rows.append(
-                    {
-                        "batch_id": part.batch_id,
-                        "shard_idx": part.shard_idx,
-                        "seq": part.seq,
-                        "out_key": part.out_key,
-                        "err_key": part.err_key,
-                        "out_lines": part.out_lines,
-                        "err_lines": part.err_lines,
-                    }
-                )
-                c = counters.setdefault(claim.batch_id, [0, 0, 0, 0, 0, 0])
-                for n, v in enumerate(
-                    (
-                        part.out_lines,
-                        part.err_lines,
-                        ck.usage.input_tokens,
-                        ck.usage.cached_tokens,
-                        ck.usage.output_tokens,
-                        ck.usage.reasoning_tokens,
-                    )
-                ):
-                    c[n] += v
-            if part_rows:
-                await conn.execute(insert(parts), part_rows)
-            for batch_id, c in counters.items():
-                await conn.execute(
-                    update(batches)
-                    .where(batches.c.id == batch_id)
-                    .values(
-                        completed=batches.c.completed + c[0],
-                        failed=batches.c.failed + c[1],
-                        input_tokens=batches.c.input_tokens + c[2],
-                        cached_tokens=batches.c.cached_tokens + c[3],
-                        output_tokens=batches.c.output_tokens + c[4],
-                        reasoning_tokens=batches.c.reasoning_tokens + c[5],
-                    )
-                )
+                batch_parts, usage = added.setdefault(claim.batch_id, ([], Usage()))
+                batch_parts.append(part)
+                usage.add(ck.usage)
+            # batches in one order in every transaction: two of them never wait for each other
+            for batch_id in sorted(added):
+                await _commit_parts(conn, batch_id, *added[batch_id])
         return lost
 
     async def claim_finalize(
@@ -381,27 +393,6 @@ class SqlQueueStore:
             for r in rows
         ]
 
-    async def batch_parts(self, batch_id: str) -> list[Part]:
-        q = (
-            select(parts)
-            .where(parts.c.batch_id == batch_id)
-            .order_by(parts.c.shard_idx, parts.c.seq)
-        )
-        async with self._db.read() as conn:
-            rows = (await conn.execute(q)).mappings().all()
-        return [
-            Part(
-                r["batch_id"],
-                r["shard_idx"],
-                r["seq"],
-                r["out_key"],
-                r["err_key"],
-                r["out_lines"],
-                r["err_lines"],
-            )
-            for r in rows
-        ]
-
     async def complete_batch(
         self,
         batch_id: str,
@@ -439,9 +430,73 @@ class SqlQueueStore:
             for rec in (output_file, error_file):
                 if rec is not None:
                     await conn.execute(insert(files).values(**file_values(rec)))
-            await conn.execute(delete(parts).where(parts.c.batch_id == batch_id))
             await record_event(conn, batch_id, status, at)
             return True
+
+    # -- results: parts and their positions (see batchd.results) --------------------------
+    async def result_parts(self, batch_id: str, after_pos: int = -1) -> list[Part]:
+        """The committed parts of a batch holding a position after ``after_pos``, by
+        ``first_pos`` (the order their results were committed)."""
+        q = (
+            select(parts)
+            .where(
+                parts.c.batch_id == batch_id,
+                parts.c.first_pos + parts.c.out_lines + parts.c.err_lines > after_pos + 1,
+            )
+            .order_by(parts.c.first_pos)
+        )
+        async with self._db.read() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [part_record(r) for r in rows]
+
+    async def commit_last_part(self, part: Part, owner: str) -> bool:
+        """Add a finalising batch's last part (its never-executed requests), with positions
+        after every executed result, fenced by the finalising lease of ``owner``. Idempotent:
+        True when the part is stored (now or by an earlier attempt), False when the lease was
+        lost."""
+        async with self._db.write() as conn:
+            held = await conn.execute(
+                update(batches)
+                .where(_finalising(part.batch_id, owner))
+                .values(final_owner=owner)
+            )
+            if not held.rowcount:
+                return False
+            stored = exists().where(
+                parts.c.batch_id == part.batch_id,
+                parts.c.shard_idx == part.shard_idx,
+                parts.c.seq == part.seq,
+            )
+            if not (await conn.execute(select(stored))).scalar_one():
+                await _commit_parts(conn, part.batch_id, [part], Usage())
+            return True
+
+    async def batches_with_results_gone(self, limit: int = 100) -> list[str]:
+        """Ended batches that still have parts while none of their result files is left
+        (expired or deleted: no such file, or marked deleted): their parts can go."""
+
+        def gone(file_id: Any) -> Any:
+            live = exists().where(files.c.id == file_id, files.c.deleted_at.is_(None))
+            return or_(file_id.is_(None), ~live)
+
+        has_parts = exists().where(parts.c.batch_id == batches.c.id)
+        q = (
+            select(batches.c.id)
+            .where(
+                batches.c.status.in_(TERMINAL),
+                has_parts,
+                gone(batches.c.output_file_id),
+                gone(batches.c.error_file_id),
+            )
+            .limit(limit)
+        )
+        async with self._db.read() as conn:
+            return list((await conn.execute(q)).scalars())
+
+    async def delete_result_parts(self, batch_id: str) -> None:
+        """Forget a batch's parts (their blobs are deleted first, by the caller)."""
+        async with self._db.write() as conn:
+            await conn.execute(delete(parts).where(parts.c.batch_id == batch_id))
 
     async def queue_state(self, now: float) -> state.QueueState:
         """Batches by status, shards waiting and leased, slot leases (see store/state.py)."""

@@ -16,6 +16,7 @@ from batchd.models import (
     VALIDATING,
     BatchRecord,
     FileRecord,
+    Part,
     Usage,
     new_id,
 )
@@ -99,6 +100,18 @@ def batch_record(row: RowMapping) -> BatchRecord:
         token_estimate=row["token_estimate"],
         api=row["api"] or API_OPENAI,
         endpoint_as_sent=row["endpoint_as_sent"],
+    )
+
+
+def part_record(row: RowMapping) -> Part:
+    return Part(
+        row["batch_id"],
+        row["shard_idx"],
+        row["seq"],
+        row["blob_key"],
+        row["out_lines"],
+        row["err_lines"],
+        row["first_pos"],
     )
 
 

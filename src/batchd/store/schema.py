@@ -112,10 +112,12 @@ parts = Table(
     Column("batch_id", String(64), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
     Column("shard_idx", Integer, primary_key=True, autoincrement=False),
     Column("seq", Integer, primary_key=True, autoincrement=False),
-    Column("out_key", Text, nullable=True),
-    Column("err_key", Text, nullable=True),
+    Column("blob_key", Text, nullable=False),
     Column("out_lines", Integer, nullable=False),
     Column("err_lines", Integer, nullable=False),
+    # the batch position of the part's first record, fixed in its checkpoint's transaction
+    Column("first_pos", BigInteger, nullable=False),
+    Index("ix_parts_positions", "batch_id", "first_pos", unique=True),
 )
 
 # Cluster-wide deployment limits: each engine process leases a share of a deployment's

@@ -4,7 +4,12 @@ It answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
 ``/v1/responses`` and ``/v1/moderations`` like a real server would (the chat answer echoes
 the last user message; a model whose name contains "guard" answers as Llama Guard does, and
 ``/v1/moderations`` as OpenAI's moderation model does, both by word lists: see
-:mod:`batchd.testing.fake_moderation`), with switches set by ``POST /_control``:
+:mod:`batchd.testing.fake_moderation`), and ``/v1/messages`` as Anthropic does (a Message
+``msg_…`` with one text block echoing the last user message, ``stop_reason`` ``end_turn``,
+``max_tokens`` or ``stop_sequence``, ``usage`` in input/output tokens, a ``request-id``
+header; it requires ``x-api-key`` (401) and ``anthropic-version`` (400), refuses params
+Anthropic does not know (400), and its errors have Anthropic's shape
+``{"type": "error", "error": {"type", "message"}}``). Switches, set by ``POST /_control``:
 
 - ``latency``: seconds before each answer;
 - ``capacity``: a model server's capacity (0: unlimited): it serves that many requests at
@@ -22,11 +27,14 @@ the last user message; a model whose name contains "guard" answers as Llama Guar
   ``truncated`` (the connection closes mid-body), ``nested`` (a 200 nested 1,500 levels
   deep), ``invalid_utf8`` (a 200 with invalid UTF-8 inside a string), ``null_usage``
   (``cached_tokens: null`` and float counts, as LiteLLM-style gateways send), ``always_500``,
-  ``retry_after_long`` (429 with ``retry-after: 3600``), ``never_answer`` (no answer at all).
+  ``retry_after_long`` (429 with ``retry-after: 3600``), ``never_answer`` (no answer at all),
+  ``overloaded`` (529 ``overloaded_error``, as Anthropic answers when busy).
 
 ``GET /_stats`` reports the requests seen, the most in flight at once, how often each
-prompt was answered with a 2xx (to find duplicates) and how often each was tried at all
-(``attempts``). ``POST /_reset`` clears them.
+prompt was answered with a 2xx (to find duplicates), how often each was tried at all
+(``attempts``) and, for ``/v1/messages``, how many requests carried each ``x-api-key`` and
+``anthropic-version`` value (``message_headers``, ``"name: value" -> count``).
+``POST /_reset`` clears them.
 
 Run: ``python -m batchd.testing.fake_upstream --port 9000``.
 """
@@ -70,6 +78,7 @@ class Stats:
     status: Counter[int] = field(default_factory=Counter)
     answered: Counter[str] = field(default_factory=Counter)
     attempts: Counter[str] = field(default_factory=Counter)
+    message_headers: Counter[str] = field(default_factory=Counter)
     first_at: float = 0.0  # unix seconds: the first request seen since the last reset
     last_at: float = 0.0  # ... and the last answer sent
 
@@ -102,6 +111,35 @@ def _usage(prompt: str, completion: int) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}
 
 
+def _message(model: Any, prompt: str, text: str, body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic Message: ``text`` cut at the first of ``stop_sequences`` it contains
+    (``stop_sequence``), or at ``max_tokens`` when that is under 3 (``max_tokens``)."""
+    stop_reason, matched, output = "end_turn", None, 3
+    stops = body.get("stop_sequences")
+    for stop in stops if isinstance(stops, list) else []:
+        if isinstance(stop, str) and stop and stop in text:
+            text, stop_reason, matched = text.split(stop, 1)[0], "stop_sequence", stop
+            break
+    limit = body.get("max_tokens")
+    if matched is None and isinstance(limit, int) and 0 < limit < output:
+        text, stop_reason, output = text[: limit * 4], "max_tokens", limit
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": stop_reason,
+        "stop_sequence": matched,
+        "usage": {
+            "input_tokens": max(1, len(prompt) // 4),
+            "output_tokens": output,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        },
+    }
+
+
 def answer(path: str, body: dict[str, Any], reply: str | None = None) -> dict[str, Any]:
     """The answer to ``body`` on ``path``; ``reply``: the text to answer with (default: an
     echo of the prompt, or a guard model's verdict on it)."""
@@ -111,6 +149,8 @@ def answer(path: str, body: dict[str, Any], reply: str | None = None) -> dict[st
     text = f"echo: {prompt}" if reply is None else reply
     if reply is None and "guard" in str(model).lower():
         text = guard_verdict(prompt)
+    if path == MESSAGES:
+        return _message(model, prompt, text, body)
     if path.endswith("/chat/completions"):
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -181,21 +221,68 @@ def answer(path: str, body: dict[str, Any], reply: str | None = None) -> dict[st
     return moderation_answer(str(model), body.get("input"))
 
 
-def _error(status: int, message: str, type_: str) -> web.Response:
+MESSAGES = "/v1/messages"
+# The params of Anthropic's POST /v1/messages (the ``anthropic`` SDK's MessageCreateParams).
+_MESSAGES_PARAMS = frozenset(
+    {
+        "model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p",
+        "top_k", "metadata", "tools", "tool_choice", "thinking", "stream", "service_tier",
+        "container", "mcp_servers", "context_management", "output_format",
+    }
+)
+_ANTHROPIC_TYPES = {"server_error": "api_error"}  # OpenAI's error type -> Anthropic's
+
+
+def _error(status: int, message: str, type_: str, path: str = "") -> web.Response:
+    """An error answer: Anthropic's shape on ``/v1/messages``, else OpenAI's."""
+    if path == MESSAGES:
+        error = {"type": _ANTHROPIC_TYPES.get(type_, type_), "message": message}
+        body: dict[str, Any] = {"type": "error", "error": error}
+        resp = web.Response(
+            body=orjson.dumps(body), status=status, content_type="application/json"
+        )
+        resp.headers["request-id"] = f"req_{uuid.uuid4().hex}"
+        return resp
     body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-def _injected_failure(switches: Switches, prompt: str) -> web.Response | None:
+def _injected_failure(switches: Switches, prompt: str, path: str) -> web.Response | None:
     roll = random.random()
     if roll < switches.fail_rate:
-        return _error(500, "The server had an error.", "server_error")
+        return _error(500, "The server had an error.", "server_error", path)
     if roll < switches.fail_rate + switches.rate_limit_rate:
-        resp = _error(429, "Rate limit reached.", "rate_limit_error")
+        resp = _error(429, "Rate limit reached.", "rate_limit_error", path)
         resp.headers["retry-after"] = str(switches.retry_after)
         return resp
     if switches.reject_content and switches.reject_content in prompt:
-        return _error(400, "This request was rejected.", "invalid_request_error")
+        return _error(400, "This request was rejected.", "invalid_request_error", path)
+    return None
+
+
+def _messages_refusal(
+    request: web.Request, body: dict[str, Any], stats: Stats
+) -> web.Response | None:
+    """What Anthropic refuses before answering: no key, no version, a param it does not know
+    or a missing required one."""
+    for name in ("x-api-key", "anthropic-version"):
+        value = request.headers.get(name)
+        if value is not None:
+            stats.message_headers[f"{name}: {value}"] += 1
+    if "x-api-key" not in request.headers:
+        return _error(401, "x-api-key header is required", "authentication_error", MESSAGES)
+    if "anthropic-version" not in request.headers:
+        return _error(
+            400, "anthropic-version: header is required", "invalid_request_error", MESSAGES
+        )
+    unknown = sorted(set(body) - _MESSAGES_PARAMS)
+    if unknown:
+        return _error(
+            400, f"{unknown[0]}: Extra inputs are not permitted", "invalid_request_error", MESSAGES
+        )
+    for name in ("model", "max_tokens", "messages"):
+        if name not in body:
+            return _error(400, f"{name}: Field required", "invalid_request_error", MESSAGES)
     return None
 
 
@@ -244,14 +331,16 @@ async def _misbehave(
         }
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
     if behaviour == "always_500":
-        return _error(500, "The server had an error.", "server_error")
+        return _error(500, "The server had an error.", "server_error", path)
+    if behaviour == "overloaded":
+        return _error(529, "Overloaded", "overloaded_error", path)
     if behaviour == "retry_after_long":
-        resp = _error(429, "Rate limit reached.", "rate_limit_error")
+        resp = _error(429, "Rate limit reached.", "rate_limit_error", path)
         resp.headers["retry-after"] = "3600"
         return resp
     if behaviour == "never_answer":
         await asyncio.sleep(3600)
-    return _error(400, f"unknown behaviour {behaviour}", "invalid_request_error")
+    return _error(400, f"unknown behaviour {behaviour}", "invalid_request_error", path)
 
 
 async def _odd_answer(
@@ -296,29 +385,39 @@ async def _respond(
     request: web.Request, raw: bytes, switches: Switches, stats: Stats
 ) -> web.StreamResponse:
     """The answer to one request, once it is its turn to be served."""
+    path = request.path
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
         stats.status[400] += 1
         return _error(
-            400, "We could not parse the JSON body of your request.", "invalid_request_error"
+            400, "We could not parse the JSON body of your request.", "invalid_request_error",
+            path,
         )
     prompt = _prompt(body)
     stats.attempts[prompt] += 1
+    if path == MESSAGES:
+        refused = _messages_refusal(request, body, stats)
+        if refused is not None:
+            stats.status[refused.status] += 1
+            return refused
     behaviour = _behaviour(switches, str(body.get("model", "")), prompt)
     if behaviour is not None:
         return await _odd_answer(request, behaviour, body, prompt, stats)
-    failure = _injected_failure(switches, prompt)
+    failure = _injected_failure(switches, prompt, path)
     if failure is not None:
         stats.status[failure.status] += 1
         return failure
     stats.status[200] += 1
     stats.answered[prompt] += 1
     reply = next((text for key, text in switches.replies.items() if key in prompt), None)
+    id_header = "request-id" if path == MESSAGES else "x-request-id"
     return web.Response(
-        body=orjson.dumps(answer(request.path, body, reply)),
+        body=orjson.dumps(answer(path, body, reply)),
         content_type="application/json",
-        headers={"x-request-id": f"req_{uuid.uuid4().hex}"},
+        headers={id_header: f"req_{uuid.uuid4().hex}"},
     )
 
 
@@ -336,7 +435,7 @@ def make_app(latency: float = 0.0) -> web.Application:
                 entered = await server.enter(switches)
                 if not entered:
                     stats.status[429] += 1
-                    resp = _error(429, "The server is busy.", "rate_limit_error")
+                    resp = _error(429, "The server is busy.", "rate_limit_error", request.path)
                     resp.headers["retry-after"] = "1"
                     return resp
             if switches.latency:
@@ -364,6 +463,7 @@ def make_app(latency: float = 0.0) -> web.Application:
                     "status": {str(k): v for k, v in stats.status.items()},
                     "answered": dict(stats.answered),
                     "attempts": dict(stats.attempts),
+                    "message_headers": dict(stats.message_headers),
                     "first_at": stats.first_at,
                     "last_at": stats.last_at,
                 }
@@ -376,7 +476,7 @@ def make_app(latency: float = 0.0) -> web.Application:
         fresh = Stats()
         stats.requests, stats.max_in_flight = fresh.requests, stats.in_flight
         stats.status, stats.answered = fresh.status, fresh.answered
-        stats.attempts = fresh.attempts
+        stats.attempts, stats.message_headers = fresh.attempts, fresh.message_headers
         stats.first_at = stats.last_at = 0.0
         return web.json_response({"ok": True})
 
@@ -384,7 +484,9 @@ def make_app(latency: float = 0.0) -> web.Application:
     app.router.add_post("/_control", control)
     app.router.add_get("/_stats", get_stats)
     app.router.add_post("/_reset", reset)
-    for path in ("chat/completions", "completions", "embeddings", "responses", "moderations"):
+    for path in (
+        "chat/completions", "completions", "embeddings", "responses", "moderations", "messages"
+    ):
         app.router.add_post(f"/v1/{path}", handle)
     return app
 

@@ -1,16 +1,17 @@
-"""Result lines of the output and error files, built from bytes.
+"""From an upstream's answer to a result record (:mod:`batchd.results.record`).
 
-A 2xx body is placed in the output line exactly as the upstream sent it (no parse and
-dump), after one check that it is a single line of valid JSON; its ``usage`` is read with a
-decoder that skips everything else.
+A 2xx body is kept exactly as the upstream sent it (no parse and dump), after one check that
+it is a single line of valid UTF-8 JSON; its ``usage`` is read with a decoder that skips
+everything else. A 2xx whose body is not a JSON object fails as a 502
+``invalid_upstream_response``; a non-2xx fails with its body (wrapped in an error when it is
+not JSON).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import os
+import time
 from typing import Any
 
 import msgspec
@@ -18,6 +19,7 @@ import orjson
 
 from batchd.backends.base import UpstreamResponse
 from batchd.models import Usage
+from batchd.results.record import answered, unanswered
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +32,7 @@ class _Body(msgspec.Struct):
     usage: Any = None
 
 
-class _Response(msgspec.Struct):
-    body: Any = None
-
-
-class _OutputLine(msgspec.Struct):
-    response: _Response | None = None
-
-
 _body_decoder = msgspec.json.Decoder(_Body)
-_line_decoder = msgspec.json.Decoder(_OutputLine)
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 
@@ -69,10 +62,25 @@ def _field(obj: Any, *names: str) -> Any:
 
 
 def read_usage(usage: Any) -> Usage:
-    """Chat/completions (``prompt_tokens``...) or responses (``input_tokens``...) usage, read
-    leniently: a null, float, missing or odd field counts as what it is or 0."""
+    """Chat/completions (``prompt_tokens``...), responses (``input_tokens``...) or Anthropic
+    Messages usage, read leniently: a null, float, missing or odd field counts as what it is
+    or 0. Anthropic's ``input_tokens`` leave out the cache's: its ``cache_read_input_tokens``
+    and ``cache_creation_input_tokens`` are added, so input counts every prompt token as
+    OpenAI's do, and cache reads are the cached ones."""
     if not isinstance(usage, dict):
         return Usage()
+    cache_read = usage.get("cache_read_input_tokens")
+    cache_made = usage.get("cache_creation_input_tokens")
+    if cache_read is not None or cache_made is not None:
+        read = _count(cache_read)
+        return Usage(
+            input_tokens=min(
+                _count(usage.get("input_tokens")) + read + _count(cache_made),
+                MAX_TOKENS_PER_ANSWER,
+            ),
+            cached_tokens=read,
+            output_tokens=_count(usage.get("output_tokens")),
+        )
     return Usage(
         input_tokens=_count(_field(usage, "prompt_tokens", "input_tokens")),
         cached_tokens=_count(
@@ -113,46 +121,6 @@ def check_body(body: bytes) -> tuple[bytes, Usage] | None:
     return body, read_usage(parsed.usage)
 
 
-def usage_of_line(line: bytes) -> Usage:
-    """The usage recorded in an output line (for results recovered from a journal)."""
-    try:
-        parsed = _line_decoder.decode(line)
-    except _DECODE_ERRORS:
-        return Usage()
-    if parsed.response is None:
-        return Usage()
-    return read_usage(_field(parsed.response.body, "usage"))
-
-
-_ID_PREFIX = b'"batch_req_' + os.urandom(8).hex().encode()  # random for each process
-_id_counter = itertools.count(1)
-
-
-def _req_id() -> bytes:
-    """Unique across processes (random prefix) and within one (a counter): no syscall a line."""
-    return b"%s%016x\"" % (_ID_PREFIX, next(_id_counter))
-
-
-def response_line(custom_id: bytes, resp: UpstreamResponse, body: bytes) -> bytes:
-    """A line with the upstream's answer: output file for 2xx, error file otherwise.
-    ``custom_id`` is already JSON-encoded; ``body`` is one line of JSON."""
-    return _RESPONSE_LINE % (
-        _ID_PREFIX,
-        next(_id_counter),
-        custom_id,
-        resp.status_code,
-        orjson.dumps(resp.request_id),
-        body,
-    )
-
-
-# One formatting operation a line (the id is ``_req_id()`` written out).
-_RESPONSE_LINE = (
-    b'{"id":%s%016x","custom_id":%s,"response":{"status_code":%d,"request_id":%s,"body":%s},'
-    b'"error":null}\n'
-)
-
-
 def error_body(resp: UpstreamResponse) -> bytes:
     """A non-2xx body as one JSON line: as sent when it is JSON, else wrapped in an error."""
     checked = check_body(resp.body)
@@ -171,7 +139,7 @@ def error_body(resp: UpstreamResponse) -> bytes:
     )
 
 
-_INVALID_BODY = orjson.dumps(
+INVALID_BODY = orjson.dumps(
     {
         "error": {
             "message": "The upstream answered with a body that is not a JSON object.",
@@ -182,36 +150,44 @@ _INVALID_BODY = orjson.dumps(
     }
 )
 
+# What the engine's senders get for one request: (succeeded, record line, usage).
+Result = tuple[bool, bytes, Usage | None]
 
-def result_line(custom_id: bytes, resp: UpstreamResponse) -> tuple[bool, bytes, Usage | None]:
-    """``(is_output, line, usage)`` for an upstream's final answer: a 2xx whose body is a
-    JSON object goes to the output file as sent; any other 2xx is recorded in the error file
-    as a 502 ``invalid_upstream_response``; a non-2xx goes to the error file with its body.
-    Never raises: whatever goes wrong with one answer ends that line in the error file."""
+
+def answer_record(custom_id: bytes, resp: UpstreamResponse, started_at: float) -> Result:
+    """``(succeeded, record, usage)`` for an upstream's final answer: a 2xx whose body is a
+    JSON object succeeds with the body as sent; any other 2xx fails as a 502
+    ``invalid_upstream_response``; a non-2xx fails with its body. ``custom_id`` is
+    JSON-encoded; ``started_at``: unix seconds when the request was taken up. Never raises:
+    whatever goes wrong with one answer fails that request."""
     try:
         if 200 <= resp.status_code < 300:
             checked = check_body(resp.body)
             if checked is not None:
                 body, usage = checked
-                return True, response_line(custom_id, resp, body), usage
-            bad = UpstreamResponse(502, _INVALID_BODY, resp.request_id)
-            return False, response_line(custom_id, bad, _INVALID_BODY), None
-        return False, response_line(custom_id, resp, error_body(resp)), None
+                line = answered(
+                    custom_id, True, resp.status_code, resp.request_id, body, usage,
+                    started_at, time.time(),
+                )
+                return True, line, usage
+            line = answered(
+                custom_id, False, 502, resp.request_id, INVALID_BODY, None,
+                started_at, time.time(),
+            )
+            return False, line, None
+        line = answered(
+            custom_id, False, resp.status_code, resp.request_id, error_body(resp), None,
+            started_at, time.time(),
+        )
+        return False, line, None
     except Exception as exc:
         log.exception("recording an upstream answer failed")
-        return False, error_line(custom_id, "internal_error", f"{type(exc).__name__}: {exc}"), None
+        return False, failure_record(
+            custom_id, "internal_error", f"{type(exc).__name__}: {exc}", started_at
+        ), None
 
 
-def error_line(custom_id: bytes, code: str, message: str) -> bytes:
-    """A request that got no answer to pass on: cancelled, expired, or no backend."""
-    return b"".join(
-        (
-            b'{"id":',
-            _req_id(),
-            b',"custom_id":',
-            custom_id,
-            b',"response":null,"error":',
-            orjson.dumps({"code": code, "message": message}),
-            b"}\n",
-        )
-    )
+def failure_record(custom_id: bytes, code: str, message: str, started_at: float) -> bytes:
+    """The record of an executed request with no answer to pass on (no backend, invalid
+    request, an internal error): outcome ``failed`` with ``error`` ``{code, message}``."""
+    return unanswered(custom_id, code, message, started_at, time.time())
