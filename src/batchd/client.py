@@ -1,10 +1,13 @@
 """Client commands of the ``batchd`` CLI: talk to a running server over its HTTP API.
 
 ``submit FILE [--endpoint E] [--wait] [--out DIR]``, ``ls``, ``show ID``, ``cancel ID``,
-``results ID [--out DIR]``, ``retry ID``. The server comes from ``--url`` / ``BATCHD_URL``
-(default ``http://127.0.0.1:8000``): the server's root, the OpenAI base URL (``…/v1``) and
-Azure's v1 base URL (``…/openai/v1``) all work. The key comes from ``--key`` /
-``BATCHD_API_KEY``. Uploads and downloads are streamed from and to disk.
+``results ID [--follow] [--after LINE_ID] [--outcome succeeded|failed]`` (the results
+committed so far, as JSONL on stdout; ``--follow``: then each as it is committed until the
+batch ends, resuming after the last line printed when the connection drops),
+``results ID --out DIR`` (the ended batch's files), ``retry ID``. The server comes from
+``--url`` / ``BATCHD_URL`` (default ``http://127.0.0.1:8000``): the server's root, the
+OpenAI base URL (``…/v1``) and Azure's v1 base URL (``…/openai/v1``) all work. The key
+comes from ``--key`` / ``BATCHD_API_KEY``. Uploads and downloads are streamed from and to disk.
 
 A mistake the user can fix (a missing or non-JSONL file, a folder that cannot be made, a
 server that cannot be reached, a refused key, an unknown id, a request the server refuses, a
@@ -55,6 +58,11 @@ class ClientError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_MISTAKE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Dropped(ClientError):
+    """The server could not be reached, did not answer in time, or the connection broke:
+    worth trying again (``results --follow`` does)."""
 
 
 def api_base(url: str) -> str:
@@ -136,13 +144,13 @@ class Client:
         except urllib.error.HTTPError as exc:
             raise self._refused(req, exc) from None
         except TimeoutError:
-            raise ClientError(
+            raise Dropped(
                 f"{self.base} did not answer within {self.timeout:.0f} s; try again",
                 EXIT_NOT_DONE,
             ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
-            raise ClientError(
+            raise Dropped(
                 f"cannot reach {self.base} ({reason}): is `batchd serve` running there? "
                 "Point --url or BATCHD_URL at it"
             ) from None
@@ -153,8 +161,32 @@ class Client:
         try:
             data: bytes = resp.read(size)
         except (OSError, http.client.HTTPException) as exc:
-            raise ClientError(f"the connection to {self.base} broke ({exc}); try again") from None
+            raise Dropped(f"the connection to {self.base} broke ({exc}); try again") from None
         return data
+
+    def result_lines(
+        self, batch_id: str, *, after: str | None, outcome: str | None, follow: bool
+    ) -> Iterator[bytes]:
+        """The lines of ``GET /batches/ID/results`` as they arrive, each without the
+        keep-alive spaces before it and without its newline. Raises :class:`Dropped` when
+        the connection breaks."""
+        query = {"follow": "true" if follow else "false"}
+        if after:
+            query["after"] = after
+        if outcome:
+            query["outcome"] = outcome
+        path = f"/batches/{_id(batch_id)}/results?{urllib.parse.urlencode(query)}"
+        with self._open(self._request("GET", path)) as resp:
+            while True:
+                try:
+                    line = resp.readline()
+                except (OSError, http.client.HTTPException) as exc:
+                    raise Dropped(f"the connection to {self.base} broke ({exc})") from None
+                if not line:
+                    return
+                line = line.strip()
+                if line:
+                    yield line
 
     def _send(self, req: urllib.request.Request) -> Any:
         """The JSON answer to ``req``."""
@@ -407,12 +439,78 @@ def cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def results(client: Client, args: argparse.Namespace) -> int:
+    if args.out is not None:
+        if args.follow or args.after or args.outcome:
+            raise ClientError(
+                "--out downloads the ended batch's files; --follow, --after and --outcome "
+                "print the results as JSONL instead: give one or the other"
+            )
+        return _result_files(client, args)
+    if not args.follow:
+        for line in client.result_lines(
+            args.id, after=args.after, outcome=args.outcome, follow=False
+        ):
+            _print_line(line)
+        return EXIT_OK
+    return _follow(client, args)
+
+
+FOLLOW_RETRIES = 30  # tries in a row that fail before --follow gives up
+FOLLOW_RETRY_MAX_SECONDS = 5.0
+
+
+def _print_line(line: bytes) -> None:
+    sys.stdout.buffer.write(line + b"\n")
+    sys.stdout.buffer.flush()
+
+
+def _follow(client: Client, args: argparse.Namespace) -> int:
+    """Print each result once as it is committed until the batch ends; when the connection
+    drops (or the server restarts) read again after the last line printed."""
+    last: str | None = args.after
+    failures, delay = 0, 0.5
+    while True:
+        try:
+            for line in client.result_lines(
+                args.id, after=last, outcome=args.outcome, follow=True
+            ):
+                _print_line(line)
+                last = str(json.loads(line)["id"])
+                failures, delay = 0, 0.5
+            batch = client.json("GET", f"/batches/{_id(args.id)}")
+            if batch["status"] in TERMINAL:
+                return _ended(batch)
+            # The stream ended early (a proxy's limit, a server stopping): read on.
+        except Dropped as exc:
+            failures += 1
+            if failures > FOLLOW_RETRIES:
+                raise
+            where = f"after {last}" if last else "from the start"
+            print(f"batchd: {exc}; reading again {where}", file=sys.stderr)
+        time.sleep(delay)
+        delay = min(delay * 2, FOLLOW_RETRY_MAX_SECONDS)
+
+
+def _ended(batch: Any) -> int:
+    """The exit status of a followed batch that ended (as ``submit --wait``'s)."""
+    status = batch["status"]
+    if status == "completed":
+        return EXIT_OK
+    print(f"batchd: batch {batch['id']} ended {status}", file=sys.stderr)
+    if status == "failed":
+        _print_errors(batch)
+        return EXIT_MISTAKE
+    return EXIT_NOT_DONE
+
+
+def _result_files(client: Client, args: argparse.Namespace) -> int:
     batch = client.json("GET", f"/batches/{_id(args.id)}")
     if batch["status"] not in TERMINAL:
         c = batch["request_counts"]
         raise ClientError(
             f"batch {args.id} is still {batch['status']} ({c['completed'] + c['failed']}/"
-            f"{c['total']} done); its files come when it ends",
+            f"{c['total']} done); its files come when it ends (`batchd results "
+            f"{args.id} --follow` prints the results as they come)",
             EXIT_NOT_DONE,
         )
     written = _save(client, batch, out_dir(args.out), batch["id"])
@@ -507,9 +605,20 @@ def add_parsers(sub: Any) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("id")
         common(p)
-    p = sub.add_parser("results", help="download a batch's output and error files")
+    p = sub.add_parser(
+        "results",
+        help="print a batch's results committed so far as JSONL (--follow: until it ends), "
+        "or download its files (--out DIR)",
+    )
     p.add_argument("id")
-    p.add_argument("--out", default=".", help="folder (made if missing; default .)")
+    p.add_argument(
+        "--follow", action="store_true", help="print each result as it comes until the batch ends"
+    )
+    p.add_argument("--after", help="the id of a result line: print the results after it")
+    p.add_argument("--outcome", choices=("succeeded", "failed"), help="only these results")
+    p.add_argument(
+        "--out", help="download the ended batch's output and error files into this folder"
+    )
     common(p)
     p = sub.add_parser("retry", help="a new batch of the requests that failed in a batch")
     p.add_argument("id")

@@ -195,6 +195,13 @@ class Limits(_Strict):
         le=3600,
         description="a request body that sends no byte for this long is refused (408)",
     )
+    results_keepalive_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        le=300,
+        description="a followed results stream that has sent nothing for this long sends a "
+        "space (whitespace before the next line), so that proxies do not cut it as idle",
+    )
 
     @model_validator(mode="after")
     def _windows(self) -> Limits:

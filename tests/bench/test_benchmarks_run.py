@@ -22,6 +22,7 @@ BENCHES = [
     "scale_out",
     "litellm_compare",
     "form_stall",
+    "results_follow",
 ]
 
 

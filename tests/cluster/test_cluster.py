@@ -1,6 +1,7 @@
 """Scale-out: two API replicas and three workers on one PostgreSQL and one S3-compatible
 server. Files go in through one replica and come out through the other; two workers die
-with ``kill -9`` mid-batch; a cancel through the other replica stops a running batch."""
+with ``kill -9`` mid-batch while a client follows its results through the other replica; a
+cancel through the other replica stops a running batch."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
+from tests.contract.test_results_stream import Follower
 from tests.support import (
     S3_ENV,
     Proc,
@@ -121,6 +123,7 @@ def test_cluster_survives_kill9_and_cancels_across_replicas(cluster: Cluster) ->
     a, b = cluster.client(0), cluster.client(1)
     n = 480
     batch_id = submit(a, n, "kill")
+    followed = Follower(cluster.servers[1], batch_id, key=KEY)  # results while it runs
     wait_completed(b, batch_id, 100)  # request_counts are current on the other replica
     for w in cluster.workers[:2]:
         w.kill9()
@@ -131,6 +134,8 @@ def test_cluster_survives_kill9_and_cancels_across_replicas(cluster: Cluster) ->
     assert sorted(ids) == sorted(f"kill-{i}" for i in range(n))
     assert set(ids.values()) == {1}, "a custom_id appeared more than once"
     assert not err and batch.request_counts.completed == n  # type: ignore[union-attr]
+    # The stream followed through the other replica had each result once, as in the file.
+    assert followed.wait(timeout=30) == out
 
     stats = upstream.stats()
     duplicates = sum(c - 1 for c in stats["answered"].values())

@@ -34,6 +34,7 @@ from batchd.service.dashboard import DashboardService
 from batchd.service.files import FileService
 from batchd.service.idempotency import Idempotency
 from batchd.service.message_batches import MessageBatchService
+from batchd.service.results import ResultService
 from batchd.service.retry import RetryService
 from batchd.store.protocols import Store
 from batchd.telemetry import exposition
@@ -72,6 +73,13 @@ def create_app(
         wake_engine=wake_engine or (lambda: None),
         idempotency=Idempotency(store.keys),
         store=store,
+        results=ResultService(
+            store.batches,
+            store.queue,
+            blobs,
+            keepalive_seconds=settings.limits.results_keepalive_seconds,
+            streams=metrics.results_streams,
+        ),
     )
     ready = asyncio.Event()
 
@@ -119,6 +127,7 @@ def create_app(
         files=services.files,
         batches=services.batches,
         retries=RetryService(services.files, services.batches, blobs),
+        results=services.results,
         read_metrics=lambda: exposition.process_metrics(metrics.registry),
     )
     app.mount("/ui", Dashboard(dashboard, services.files, Sessions(services.auth)).app())

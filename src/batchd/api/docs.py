@@ -43,6 +43,10 @@ The same Files and Batches operations are served on three URL trees, one for eac
 They differ only where Azure does: on `/openai` a batch echoes `endpoint` as sent and an \
 ended batch always has both an output and an error file (either may be empty).
 
+Extensions beyond OpenAI and Azure say so in their description: the results of a running \
+batch (`GET /batches/{batch_id}/results`, with `follow=true` a stream until it ends) and \
+the tokens per deployment (`GET /usage`).
+
 Keys go in `Authorization: Bearer KEY` (OpenAI) or `api-key: KEY` (Azure); without an \
 `[auth]` table none is needed. Errors have OpenAI's shape \
 `{"error": {"message", "type", "param", "code"}}`.

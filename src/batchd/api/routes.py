@@ -40,6 +40,7 @@ from batchd.models import API_AZURE, API_OPENAI
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
 from batchd.service.idempotency import HEADER, Idempotency, check_key, fingerprint
+from batchd.service.results import ResultService, cursor_of
 from batchd.store.protocols import Store
 
 # ``after`` cursors: an id of the listed kind (or empty: from the start)
@@ -59,6 +60,7 @@ class Services:
     wake_engine: Callable[[], None]
     idempotency: Idempotency
     store: Store
+    results: ResultService
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -166,6 +168,30 @@ _CREATE_DOC: dict[str, Any] = {
         },
     }
 }
+NDJSON = "application/x-ndjson"
+_RESULTS_DOC = """\
+**An extension beyond OpenAI and Azure.** The batch's results committed so far (each \
+checkpoint commits the results that arrived since the one before, every \
+`engine.checkpoint_seconds`), as JSONL: one line a result in the shape of the batch's output \
+file (`succeeded`) or error file (every other outcome), `{"id", "custom_id", "response", \
+"error"}`, in the order they were committed. A line's `id` \
+(`batch_req_<batch id without "batch_">_<n>`) is the same in every read and in the files, \
+and is the cursor: `after=<id>` gives the results after that line.
+
+- `after`: the `id` of a line of this batch (another batch's, or a malformed one: 400, \
+param `after`).
+- `outcome`: `succeeded` (output-file lines) or `failed` (error-file lines: failed, \
+cancelled, expired).
+- `follow=true`: the stream stays open and sends each result as it is committed, until the \
+batch has ended and every result (the never-executed requests of a cancelled or expired \
+batch included) was sent; then it ends. Every result is sent once, even when a worker dies \
+and another takes its requests over: only committed results are ever read. While nothing \
+is sent for `limits.results_keepalive_seconds` (15 s), one space is sent: JSON allows \
+whitespace before a value, so it starts the next line and every line stays one JSON value \
+(an empty line would not be valid JSONL); a stream may end with such spaces. A client \
+whose connection broke reads again with `after=` the last id it got.
+"""
+_RESULTS_CONTENT = {NDJSON: {"schema": {"type": "string"}}}
 _CONTENT_DOC = {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     "application/jsonl": {"schema": {"type": "string"}},
@@ -387,6 +413,30 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
     )
     async def get_batch(request: Request, batch_id: str, proj: str = Depends(project)) -> Response:
         return json_response((await services(request).batches.get(proj, batch_id)).to_wire())
+
+    @router.api_route(
+        "/batches/{batch_id}/results",
+        methods=GET,
+        summary="Stream a batch's results committed so far, or follow them (an extension)",
+        description=_RESULTS_DOC,
+        responses=responses(None, 400, 404, ok_content=_RESULTS_CONTENT),
+    )
+    async def batch_results(
+        request: Request,
+        batch_id: str,
+        proj: str = Depends(project),
+        after: str | None = Query(default=None, max_length=128),
+        outcome: Literal["succeeded", "failed"] | None = None,
+        follow: bool = False,
+    ) -> Response:
+        svc = services(request)
+        start = cursor_of(batch_id, after)
+        rec = await svc.batches.get(proj, batch_id)
+        headers = {"cache-control": "no-store", "x-accel-buffering": "no"}
+        if request.method == "HEAD":
+            return Response(headers=headers, media_type=NDJSON)
+        lines = svc.results.lines(rec, after=start, outcome=outcome, follow=follow)
+        return StreamingResponse(lines, headers=headers, media_type=NDJSON)
 
     @router.post(
         "/batches/{batch_id}/cancel",

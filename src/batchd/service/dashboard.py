@@ -22,22 +22,29 @@ from batchd.blobs.base import Blobs
 from batchd.config import Deployment, Settings
 from batchd.errors import BlobNotFound, InvalidRequest, NotFound
 from batchd.models import PURPOSE_BATCH, BatchRecord, FileRecord
+from batchd.results.openai import openai_line
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService, Upload
+from batchd.service.results import ResultService
 from batchd.service.retry import RetryService
 from batchd.store.protocols import Store
 from batchd.store.state import SlotUse
 from batchd.telemetry.recent import Recent, RecentWindow, totals_from
 
 ERROR_LINES = 20  # error-file lines shown on a batch's page
+LATEST_RESULTS = 10  # the newest committed results shown on a batch's page
+ANSWER_PARSE_BYTES = 1024 * 1024  # a longer answer is shown by its size, not parsed
 ERROR_PEEK_BYTES = 256 * 1024  # read at most this much of the error file for them
 
 
 @dataclass(frozen=True)
 class ErrorLine:
+    """A result line as shown (an error-file line, or one of the latest results)."""
+
     custom_id: str
     status: str  # the HTTP status, or the error code of a request never executed
-    message: str
+    message: str  # the error's message, or the start of a succeeded answer's text
+    ok: bool = False  # a succeeded result
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class BatchDetail:
     batch: BatchRecord
     error_lines: list[ErrorLine]
     more_errors: bool  # the error file has more lines than shown
+    latest: list[ErrorLine]  # the newest committed results, newest first
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ class DeploymentView:
 
 
 def error_line(raw: bytes) -> ErrorLine:
-    """One line of an error file, as shown: who, what status, why."""
+    """One result line (of an error or output file, or of the results stream), as shown:
+    who, what status, why (or what the answer says)."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -70,13 +79,42 @@ def error_line(raw: bytes) -> ErrorLine:
     response = obj.get("response")
     if isinstance(response, dict):
         body = response.get("body")
+        status = response.get("status_code")
         err = body.get("error") if isinstance(body, dict) else None
         message = err.get("message") if isinstance(err, dict) else None
-        return ErrorLine(cid, str(response.get("status_code")), str(message or body)[:500])
+        if message is None and isinstance(status, int) and 200 <= status < 300:
+            return ErrorLine(cid, str(status), answer_text(body)[:500], ok=True)
+        return ErrorLine(cid, str(status), str(message or body)[:500])
     err = obj.get("error")
     if isinstance(err, dict):
         return ErrorLine(cid, str(err.get("code")), str(err.get("message"))[:500])
     return ErrorLine(cid, "?", "")
+
+
+def answer_text(body: Any) -> str:
+    """What a succeeded answer says: a chat completion's message, a completion's text, a
+    response's output text; an embedding by its size; anything else as JSON."""
+    if isinstance(body, dict):
+        choices = body.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            first = choices[0]
+            message = first.get("message")
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                return str(message["content"])
+            if isinstance(first.get("text"), str):
+                return str(first["text"])
+        output = body.get("output")
+        for item in output if isinstance(output, list) else ():
+            content = item.get("content") if isinstance(item, dict) else None
+            for part in content if isinstance(content, list) else ():
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    return str(part["text"])
+        data = body.get("data")
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            vector = data[0].get("embedding")
+            if isinstance(vector, list):
+                return f"embedding of {len(vector)} dimensions ({len(data)} inputs)"
+    return orjson.dumps(body).decode()[:500]
 
 
 def public_target(d: Deployment) -> str:
@@ -99,6 +137,7 @@ class DashboardService:
         files: FileService,
         batches: BatchService,
         retries: RetryService,
+        results: ResultService,
         read_metrics: Callable[[], list[Metric]],
     ) -> None:
         self._settings = settings
@@ -107,6 +146,7 @@ class DashboardService:
         self._files = files
         self._batches = batches
         self._retries = retries
+        self._results = results
         self._read_metrics = read_metrics
         self._window = RecentWindow()
 
@@ -132,7 +172,24 @@ class DashboardService:
             file = await self._store.files.get_file(rec.error_file_id, rec.project)
             if file is not None and file.bytes:
                 lines, more = await self._error_lines(file)
-        return BatchDetail(rec, lines, more)
+        return BatchDetail(rec, lines, more, await self._latest(rec))
+
+    async def _latest(self, rec: BatchRecord) -> list[ErrorLine]:
+        """The newest committed results, newest first, as shown (an answer over
+        :data:`ANSWER_PARSE_BYTES` by its size); none once the batch's results are deleted."""
+        shown = []
+        try:
+            latest = await self._results.latest(rec, LATEST_RESULTS)
+        except BlobNotFound:  # the batch's results were deleted meanwhile
+            return []
+        for pos, record in latest:
+            if len(record.body) > ANSWER_PARSE_BYTES:
+                status = str(record.status_code)
+                text = f"({len(record.body)} bytes)"
+                shown.append(ErrorLine(str(record.custom_id), status, text, record.succeeded))
+            else:
+                shown.append(error_line(openai_line(rec.id, pos, record)))
+        return shown
 
     async def _error_lines(self, file: FileRecord) -> tuple[list[ErrorLine], bool]:
         try:

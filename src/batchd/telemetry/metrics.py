@@ -21,7 +21,9 @@ Series (names follow https://prometheus.io/docs/practices/naming/):
 - ``batchd_upload_bytes_total``, ``batchd_files_uploaded_total{purpose}``: uploads;
 - ``batchd_lines_validated_total``, ``batchd_validation_problems_total{code}``: batch input
   lines checked at upload and the problems found;
-- ``batchd_webhook_deliveries_total{outcome}``: ``delivered`` or ``failed`` POSTs.
+- ``batchd_webhook_deliveries_total{outcome}``: ``delivered`` or ``failed`` POSTs;
+- ``batchd_results_streams``: followed result streams open now
+  (``GET /v1/batches/{id}/results?follow=true``).
 """
 
 from __future__ import annotations
@@ -125,6 +127,12 @@ class Metrics:
             "batchd_webhook_deliveries_total",
             "Webhook POSTs, by outcome (delivered, failed).",
             ["outcome"],
+            registry=r,
+        )
+        self.results_streams = Gauge(
+            "batchd_results_streams",
+            "Followed result streams open now (GET .../batches/{id}/results?follow=true).",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self._meters: list[tuple[DeploymentMeter, InFlight, _Copied]] = []

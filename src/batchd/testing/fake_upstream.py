@@ -31,10 +31,10 @@ Anthropic does not know (400), and its errors have Anthropic's shape
   ``overloaded`` (529 ``overloaded_error``, as Anthropic answers when busy).
 
 ``GET /_stats`` reports the requests seen, the most in flight at once, how often each
-prompt was answered with a 2xx (to find duplicates), how often each was tried at all
-(``attempts``) and, for ``/v1/messages``, how many requests carried each ``x-api-key`` and
-``anthropic-version`` value (``message_headers``, ``"name: value" -> count``).
-``POST /_reset`` clears them.
+prompt was answered with a 2xx (to find duplicates), when its last 2xx was sent
+(``answered_at``, unix seconds), how often each was tried at all (``attempts``) and, for
+``/v1/messages``, how many requests carried each ``x-api-key`` and ``anthropic-version``
+value (``message_headers``, ``"name: value" -> count``). ``POST /_reset`` clears them.
 
 Run: ``python -m batchd.testing.fake_upstream --port 9000``.
 """
@@ -78,6 +78,7 @@ class Stats:
     status: Counter[int] = field(default_factory=Counter)
     answered: Counter[str] = field(default_factory=Counter)
     attempts: Counter[str] = field(default_factory=Counter)
+    answered_at: dict[str, float] = field(default_factory=dict)  # prompt: its last 2xx
     message_headers: Counter[str] = field(default_factory=Counter)
     first_at: float = 0.0  # unix seconds: the first request seen since the last reset
     last_at: float = 0.0  # ... and the last answer sent
@@ -412,6 +413,7 @@ async def _respond(
         return failure
     stats.status[200] += 1
     stats.answered[prompt] += 1
+    stats.answered_at[prompt] = time.time()
     reply = next((text for key, text in switches.replies.items() if key in prompt), None)
     id_header = "request-id" if path == MESSAGES else "x-request-id"
     return web.Response(
@@ -463,6 +465,7 @@ def make_app(latency: float = 0.0) -> web.Application:
                     "status": {str(k): v for k, v in stats.status.items()},
                     "answered": dict(stats.answered),
                     "attempts": dict(stats.attempts),
+                    "answered_at": stats.answered_at,
                     "message_headers": dict(stats.message_headers),
                     "first_at": stats.first_at,
                     "last_at": stats.last_at,
@@ -476,7 +479,8 @@ def make_app(latency: float = 0.0) -> web.Application:
         fresh = Stats()
         stats.requests, stats.max_in_flight = fresh.requests, stats.in_flight
         stats.status, stats.answered = fresh.status, fresh.answered
-        stats.attempts, stats.message_headers = fresh.attempts, fresh.message_headers
+        stats.attempts, stats.answered_at = fresh.attempts, fresh.answered_at
+        stats.message_headers = fresh.message_headers
         stats.first_at = stats.last_at = 0.0
         return web.json_response({"ok": True})
 
