@@ -439,13 +439,17 @@ def cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def results(client: Client, args: argparse.Namespace) -> int:
-    if args.out is not None:
-        if args.follow or args.after or args.outcome:
-            raise ClientError(
-                "--out downloads the ended batch's files; --follow, --after and --outcome "
-                "print the results as JSONL instead: give one or the other"
-            )
+    """The ended batch's output and error files into ``--out`` (default ``.``), as DESIGN.md
+    fixes it; with ``--jsonl``, ``--follow``, ``--after`` or ``--outcome``, the results
+    committed so far printed as JSONL (``--follow``: then each as it comes)."""
+    streamed = args.jsonl or args.follow or args.after or args.outcome
+    if not streamed:
         return _result_files(client, args)
+    if args.out is not None:
+        raise ClientError(
+            "--out downloads the ended batch's files; --jsonl, --follow, --after and --outcome "
+            "print the results as JSONL instead: give one or the other"
+        )
     if not args.follow:
         for line in client.result_lines(
             args.id, after=args.after, outcome=args.outcome, follow=False
@@ -513,7 +517,7 @@ def _result_files(client: Client, args: argparse.Namespace) -> int:
             f"{args.id} --follow` prints the results as they come)",
             EXIT_NOT_DONE,
         )
-    written = _save(client, batch, out_dir(args.out), batch["id"])
+    written = _save(client, batch, out_dir(args.out if args.out is not None else "."), batch["id"])
     for path in written.values():
         print(path)
     if not written:
@@ -607,17 +611,20 @@ def add_parsers(sub: Any) -> None:
         common(p)
     p = sub.add_parser(
         "results",
-        help="print a batch's results committed so far as JSONL (--follow: until it ends), "
-        "or download its files (--out DIR)",
+        help="download an ended batch's output and error files (into --out, default .), or "
+        "print its results committed so far as JSONL (--jsonl; --follow: until it ends)",
     )
     p.add_argument("id")
+    p.add_argument(
+        "--jsonl", action="store_true", help="print the results committed so far as JSONL"
+    )
     p.add_argument(
         "--follow", action="store_true", help="print each result as it comes until the batch ends"
     )
     p.add_argument("--after", help="the id of a result line: print the results after it")
     p.add_argument("--outcome", choices=("succeeded", "failed"), help="only these results")
     p.add_argument(
-        "--out", help="download the ended batch's output and error files into this folder"
+        "--out", help="the folder for the ended batch's output and error files (default .)"
     )
     common(p)
     p = sub.add_parser("retry", help="a new batch of the requests that failed in a batch")

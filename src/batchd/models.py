@@ -1,4 +1,5 @@
-"""Domain records: files, batches, shards and parts, and their OpenAI wire shapes.
+"""Domain records: files, batches, shards and parts, and their OpenAI wire shapes; the
+endpoints a batch may name.
 
 These import nothing else of batchd's. Timestamps are unix seconds (int) on the wire; leases
 use float seconds.
@@ -30,6 +31,24 @@ TERMINAL = frozenset({FAILED, COMPLETED, EXPIRED, CANCELLED})
 # Shard statuses.
 SHARD_PENDING = "pending"
 SHARD_DONE = "done"
+
+# The endpoints a batch may name, in their canonical OpenAI spelling.
+CHAT_COMPLETIONS = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+MODERATIONS = "/v1/moderations"
+ENDPOINTS = (CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, RESPONSES, MODERATIONS)
+
+
+def normalise_endpoint(url: str) -> str | None:
+    """Map an OpenAI (``/v1/chat/completions``) or Azure (``/chat/completions``) path to the
+    canonical one, or ``None`` when it names no supported endpoint."""
+    path = url.split("?", 1)[0].rstrip("/")
+    if not path.startswith("/v1/"):
+        path = "/v1" + (path if path.startswith("/") else "/" + path)
+    return path if path in ENDPOINTS else None
+
 
 API_OPENAI = "openai"
 API_AZURE = "azure"  # created on the /openai tree: both result files, endpoint as sent

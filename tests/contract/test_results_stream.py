@@ -399,7 +399,7 @@ def test_cli_follow_resumes_across_a_killed_server(
 
 
 def test_cli_results_so_far_after_and_outcome(
-    client: OpenAI, server: Server, upstream: Upstream
+    client: OpenAI, server: Server, upstream: Upstream, tmp_path: Path
 ) -> None:
     upstream.control(reject_content="req-2")
     batch_id = _submit(client, 5)
@@ -412,10 +412,16 @@ def test_cli_results_so_far_after_and_outcome(
             capture_output=True,
             timeout=60,
             check=False,
+            cwd=tmp_path,
         )
 
-    done = cli()
+    done = cli("--jsonl")
     assert done.returncode == 0 and [json.loads(x) for x in done.stdout.splitlines()] == every
+    # without a flag of the stream, the ended batch's files are downloaded (DESIGN.md's CLI)
+    done = cli()
+    assert done.returncode == 0, done.stderr
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert len(saved) == 2 and all(name.startswith(batch_id) for name in saved)
     done = cli("--after", every[1]["id"], "--outcome", "failed")
     assert [json.loads(x)["custom_id"] for x in done.stdout.splitlines()] == ["req-2"]
     done = cli("--follow", "--outcome", "succeeded")

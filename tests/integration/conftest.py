@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from batchd.store.connect import migrate, open_store
-from batchd.store.memory import MemoryState, memory_store
+from batchd.store.memory import memory_store
+from batchd.store.memory_state import MemoryState
 from batchd.store.protocols import Store
 from tests.support import fresh_database, pg_admin, pg_url, require_postgres, start_moto
 

@@ -15,7 +15,7 @@ import pytest
 from batchd.backends.http1 import _Conn
 from batchd.blobs.base import Blobs
 from batchd.config import Deployment
-from batchd.engine.checkpoints import Checkpointer
+from batchd.engine.checkpoints import Checkpointer, Outcome
 from batchd.engine.limits import DeploymentLimiter
 from batchd.engine.shard import ShardRun
 from batchd.engine.worker import BUSY_POLL_FACTOR, Engine
@@ -229,3 +229,29 @@ def test_idle_polls_slow_down_while_shards_run() -> None:
     assert engine._idle_wait() == 0.25
     engine._runs = {("b", 0): cast(ShardRun, object())}
     assert engine._idle_wait() == 0.25 * BUSY_POLL_FACTOR
+
+
+async def test_checkpoint_outcomes_are_returned_and_acted_on_by_the_runs() -> None:
+    store, blobs = FakeStore(), FakeBlobs()
+    store.lost = [("batch_1", 1)]
+    runs = [make_run(store, blobs, i, count=n) for i, n in ((0, 4), (1, 4), (2, 1))]
+    for run in runs:
+        result(run, 0)
+    outcomes = await Checkpointer(cast(QueueStore, store), 10).checkpoint(runs)
+    assert outcomes == {
+        ("batch_1", 0): Outcome.COMMITTED,
+        ("batch_1", 1): Outcome.LEASE_LOST,
+        ("batch_1", 2): Outcome.RELEASED,  # its one line is done: the lease ended
+    }
+    assert [(r.lost, r.released) for r in runs] == [(False, False), (True, False), (False, True)]
+
+
+def test_the_checkpointer_knows_shards_only_through_its_protocol() -> None:
+    import ast
+
+    import batchd.engine.checkpoints as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(name and name.startswith("batchd.engine.shard") for name in imported)

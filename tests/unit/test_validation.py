@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from batchd.backends.base import normalise_endpoint
-from batchd.models import new_id
+from batchd.models import new_id, normalise_endpoint
 from batchd.service.idset import IdSet
 from batchd.service.validation import Validator, mismatched_lines
 

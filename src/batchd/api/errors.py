@@ -1,7 +1,8 @@
-"""The OpenAI error envelope, for every error the HTTP API returns.
+"""Every error the HTTP API returns, in the envelope of the API its path belongs to.
 
-``{"error": {"message", "type", "param", "code"}}``; on Anthropic's Message Batches paths
-(``/v1/messages/...``) Anthropic's ``{"type": "error", "error": {"type", "message"}}``.
+OpenAI's ``{"error": {"message", "type", "param", "code"}}``; on Anthropic's Message Batches
+paths (``/v1/messages/...``) Anthropic's ``{"type": "error", "error": {"type", "message"}}``
+(both built by :mod:`batchd.envelopes`).
 Final client errors carry ``x-should-retry: false`` so that the SDK does not retry them
 (it retries 408, 409, 429, 5xx); a 408 (the body stopped arriving) and a 429 may be
 retried. A message is at most :data:`MAX_MESSAGE` characters and a param
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -23,8 +25,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import compile_path
 
+from batchd.envelopes import anthropic_error, anthropic_error_type, openai_error, openai_error_type
 from batchd.errors import ApiError
-from batchd.service.messages_format import error_envelope
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +35,18 @@ MAX_PARAM = 128
 RETRYABLE = frozenset({408, 429})
 ANTHROPIC_PREFIX = "/v1/messages"  # Anthropic's Message Batches: its error envelope
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    408: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    416: "invalid_request_error",
-    429: "rate_limit_error",
-}
+
+def _truncated(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
+
+
+def _json_error(status: int, body: dict[str, Any], headers: Mapping[str, str] | None) -> Response:
+    h = dict(headers or {})
+    if 400 <= status < 500 and status not in RETRYABLE:
+        h["x-should-retry"] = "false"
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=h
+    )
 
 
 def error_response(
@@ -56,22 +58,14 @@ def error_response(
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 1] + "…"
-    body = {
-        "error": {
-            "message": message,
-            "type": type_ or _TYPES.get(status, "server_error"),
-            "param": param[:MAX_PARAM] if param else param,
-            "code": code,
-        }
-    }
-    h = dict(headers or {})
-    if 400 <= status < 500 and status not in RETRYABLE:
-        h["x-should-retry"] = "false"
-    return Response(
-        orjson.dumps(body), status_code=status, media_type="application/json", headers=h
+    """OpenAI's envelope; ``type_`` defaults to the status's type."""
+    body = openai_error(
+        _truncated(message),
+        type_ or openai_error_type(status),
+        param=param[:MAX_PARAM] if param else param,
+        code=code,
     )
+    return _json_error(status, body, headers)
 
 
 def anthropic_error_response(
@@ -79,17 +73,8 @@ def anthropic_error_response(
 ) -> Response:
     """Anthropic's envelope ``{"type": "error", "error": {"type", "message"}}`` (the
     Message Batches routes), with the same ``x-should-retry`` rule as above."""
-    if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 1] + "…"
-    h = dict(headers or {})
-    if 400 <= status < 500 and status not in RETRYABLE:
-        h["x-should-retry"] = "false"
-    return Response(
-        orjson.dumps(error_envelope(status, message)),
-        status_code=status,
-        media_type="application/json",
-        headers=h,
-    )
+    body = anthropic_error(_truncated(message), anthropic_error_type(status))
+    return _json_error(status, body, headers)
 
 
 def _respond(

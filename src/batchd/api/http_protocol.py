@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from batchd.envelopes import openai_error
+
 MAX_HEAD_BYTES = 64 * 1024
 
 
@@ -57,16 +59,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(400, b"Bad Request", msg, "invalid_http_request")
 
     def _refuse(self, status: int, reason: bytes, message: str, code: str) -> None:
-        body = orjson.dumps(
-            {
-                "error": {
-                    "message": message,
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": code,
-                }
-            }
-        )
+        body = orjson.dumps(openai_error(message, "invalid_request_error", code=code))
         head = b"HTTP/1.1 %d %s\r\n" % (status, reason)
         for name, value in self.server_state.default_headers:
             head += name + b": " + value + b"\r\n"

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from batchd.envelopes import openai_error
+
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -82,8 +84,7 @@ class LocalGuard:
 
 
 async def _refuse(send: Send, code: str, message: str) -> None:
-    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    body = orjson.dumps({"error": error})
+    body = orjson.dumps(openai_error(message, "invalid_request_error", code=code))
     await send(
         {
             "type": "http.response.start",

@@ -26,24 +26,6 @@ from email.utils import parsedate_to_datetime
 
 from batchd.errors import BatchdError
 
-# The endpoints a batch may name, in their canonical OpenAI spelling.
-ENDPOINTS = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/moderations",
-)
-
-
-def normalise_endpoint(url: str) -> str | None:
-    """Map an OpenAI (``/v1/chat/completions``) or Azure (``/chat/completions``) path to the
-    canonical one, or ``None`` when it names no supported endpoint."""
-    path = url.split("?", 1)[0].rstrip("/")
-    if not path.startswith("/v1/"):
-        path = "/v1" + (path if path.startswith("/") else "/" + path)
-    return path if path in ENDPOINTS else None
-
 
 @dataclass(frozen=True, slots=True)
 class UpstreamResponse:

@@ -30,6 +30,7 @@ from batchd.backends.base import (
     UpstreamResponse,
     UpstreamTimeout,
 )
+from batchd.envelopes import openai_error, openai_error_type
 from batchd.errors import ConfigError
 from batchd.localmodel.chat_template import MessageError, default_system_prompt, render_chat
 from batchd.localmodel.minilm import EmbeddingInput, EmbeddingJob, EmbeddingWorker, MiniLM
@@ -52,6 +53,7 @@ from batchd.localmodel.scheduler import (
     load_llm,
 )
 from batchd.localmodel.worker import WorkerClosed, limit_blas_threads, run_job
+from batchd.models import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, RESPONSES
 from batchd.telemetry.memory import resident_bytes
 
 log = logging.getLogger(__name__)
@@ -59,14 +61,10 @@ log = logging.getLogger(__name__)
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 _SERVES: dict[str, tuple[str, ...]] = {
-    CHAT_MODEL: ("/v1/chat/completions", "/v1/completions", "/v1/responses"),
-    EMBEDDING_MODEL: ("/v1/embeddings",),
+    CHAT_MODEL: (CHAT_COMPLETIONS, COMPLETIONS, RESPONSES),
+    EMBEDDING_MODEL: (EMBEDDINGS,),
 }
-_PROMPT_PARAM = {
-    "/v1/chat/completions": "messages",
-    "/v1/completions": "prompt",
-    "/v1/responses": "input",
-}
+_PROMPT_PARAM = {CHAT_COMPLETIONS: "messages", COMPLETIONS: "prompt", RESPONSES: "input"}
 _PACKAGES: dict[str, WeightsPackage] = {CHAT_MODEL: SMOLLM2, EMBEDDING_MODEL: MINILM}
 
 # SmolLM2-135M-Instruct's recommended sampling, for requests that do not set their own. The
@@ -89,8 +87,7 @@ def known_local_models() -> tuple[str, ...]:
 def _error(
     status: int, message: str, *, param: str | None = None, code: str | None = None
 ) -> UpstreamResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = openai_error(message, openai_error_type(status), param=param, code=code)
     return UpstreamResponse(status, orjson.dumps(body), _request_id())
 
 
@@ -212,11 +209,11 @@ class LocalBackend(Backend):
     async def _run(
         self, endpoint: str, payload: dict[str, Any], time_limit: float
     ) -> UpstreamResponse:
-        if endpoint == "/v1/embeddings":
+        if endpoint == EMBEDDINGS:
             return await self._embeddings(payload, time_limit)
-        if endpoint == "/v1/chat/completions":
+        if endpoint == CHAT_COMPLETIONS:
             request = parse_chat(payload, self.sampling)
-        elif endpoint == "/v1/completions":
+        elif endpoint == COMPLETIONS:
             request = parse_completions(payload, self.sampling)
         else:
             request = parse_responses(payload, self.sampling)

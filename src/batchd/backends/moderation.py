@@ -21,16 +21,16 @@ import orjson
 from batchd.backends.base import Backend, BackendUnavailable, UpstreamResponse, UpstreamTimeout
 from batchd.contentfilter.embedded import EmbeddedClassifier
 from batchd.contentfilter.moderation import moderation_result
+from batchd.envelopes import openai_error
 from batchd.localmodel.requests import MAX_EMBEDDING_INPUTS, BadRequest
 from batchd.localmodel.worker import WorkerClosed
+from batchd.models import MODERATIONS
 
-ENDPOINT = "/v1/moderations"
+ENDPOINT = MODERATIONS
 
 
 def _error(message: str, param: str | None, code: str | None = None) -> UpstreamResponse:
-    body = {
-        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    }
+    body = openai_error(message, "invalid_request_error", param=param, code=code)
     return UpstreamResponse(400, orjson.dumps(body), f"req_{uuid.uuid4().hex}")
 
 

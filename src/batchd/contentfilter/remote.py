@@ -48,6 +48,7 @@ import orjson
 from batchd.backends.base import UpstreamResponse
 from batchd.contentfilter.severity import CATEGORIES, HIGH, LOW, MEDIUM, SAFE, Assessment
 from batchd.errors import BatchdError
+from batchd.models import CHAT_COMPLETIONS, MODERATIONS
 
 Send = Callable[[str, bytes], Awaitable[UpstreamResponse]]
 
@@ -150,7 +151,7 @@ class ModerationsClassifier(_Deployment):
         if not texts:
             return []
         body = orjson.dumps({"model": self.model, "input": list(texts)})
-        doc = _json(await self._send("/v1/moderations", body))
+        doc = _json(await self._send(MODERATIONS, body))
         results = doc.get("results") if isinstance(doc, dict) else None
         if not isinstance(results, list) or len(results) != len(texts):
             raise ClassifierFailed(f"the moderation answer has no result for each of {len(texts)}")
@@ -181,7 +182,7 @@ class GuardClassifier(_Deployment):
                 "temperature": 0,
             }
         )
-        doc = _json(await self._send("/v1/chat/completions", body))
+        doc = _json(await self._send(CHAT_COMPLETIONS, body))
         try:
             content = doc["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):

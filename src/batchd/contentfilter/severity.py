@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from batchd.envelopes import openai_error
+
 CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 SEVERITIES = ("safe", "low", "medium", "high")
 SAFE, LOW, MEDIUM, HIGH = range(4)
@@ -130,16 +132,14 @@ def prompt_results(
 def blocked_prompt_body(assessment: Assessment, thresholds: Thresholds) -> dict[str, Any]:
     """The body of Azure's 400 for a refused prompt (``code: content_filter``, with
     ``innererror.code = "ResponsibleAIPolicyViolation"`` and the prompt's results)."""
-    return {
-        "error": {
-            "message": BLOCKED_MESSAGE,
-            "type": "invalid_request_error",
-            "param": "prompt",
-            "code": "content_filter",
-            "status": 400,
-            "innererror": {
-                "code": "ResponsibleAIPolicyViolation",
-                "content_filter_result": results(assessment, thresholds),
-            },
-        }
-    }
+    return openai_error(
+        BLOCKED_MESSAGE,
+        "invalid_request_error",
+        param="prompt",
+        code="content_filter",
+        status=400,
+        innererror={
+            "code": "ResponsibleAIPolicyViolation",
+            "content_filter_result": results(assessment, thresholds),
+        },
+    )

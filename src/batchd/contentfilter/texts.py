@@ -14,13 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from batchd.models import MESSAGES_ENDPOINT
+from batchd.models import CHAT_COMPLETIONS, COMPLETIONS, MESSAGES_ENDPOINT, RESPONSES
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-RESPONSES = "/v1/responses"
-MESSAGES = MESSAGES_ENDPOINT
-FILTERED_ENDPOINTS = frozenset({CHAT, COMPLETIONS, RESPONSES, MESSAGES})
+FILTERED_ENDPOINTS = frozenset({CHAT_COMPLETIONS, COMPLETIONS, RESPONSES, MESSAGES_ENDPOINT})
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
 
 
@@ -54,9 +50,9 @@ def prompt_texts(endpoint: str, body: Mapping[str, Any]) -> list[str | None]:
     ids). Chat: one prompt, every message. Completions: one a prompt. Responses: one,
     ``instructions`` and every input message. Messages: one, ``system`` and every message.
     Other endpoints: none."""
-    if endpoint == CHAT:
+    if endpoint == CHAT_COMPLETIONS:
         return [_messages_text(body.get("messages"))]
-    if endpoint == MESSAGES:
+    if endpoint == MESSAGES_ENDPOINT:
         system = _content_text(body.get("system"))
         text = _messages_text(body.get("messages"))
         return [f"{system}\n{text}" if system else text]
@@ -81,7 +77,7 @@ def choice_texts(endpoint: str, body: Mapping[str, Any]) -> list[str]:
     """The answer's texts: one a choice (chat: the message's content; completions: the
     text); a response's output text as one; a Message's text blocks as one. Other
     endpoints: none."""
-    if endpoint == MESSAGES:
+    if endpoint == MESSAGES_ENDPOINT:
         return [_content_text(body.get("content"))]
     if endpoint == RESPONSES:
         output = body.get("output")
@@ -94,13 +90,13 @@ def choice_texts(endpoint: str, body: Mapping[str, Any]) -> list[str]:
             )
         ]
     choices = body.get("choices")
-    if endpoint not in (CHAT, COMPLETIONS) or not isinstance(choices, list):
+    if endpoint not in (CHAT_COMPLETIONS, COMPLETIONS) or not isinstance(choices, list):
         return []
     out = []
     for choice in choices:
         if not isinstance(choice, dict):
             out.append("")
-        elif endpoint == CHAT:
+        elif endpoint == CHAT_COMPLETIONS:
             message = choice.get("message")
             out.append(_content_text(message.get("content")) if isinstance(message, dict) else "")
         else:

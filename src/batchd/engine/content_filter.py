@@ -55,17 +55,11 @@ from batchd.contentfilter.severity import (
     prompt_results,
     results,
 )
-from batchd.contentfilter.texts import (
-    CHAT,
-    COMPLETIONS,
-    FILTERED_ENDPOINTS,
-    MESSAGES,
-    RESPONSES,
-    choice_texts,
-    prompt_texts,
-)
+from batchd.contentfilter.texts import FILTERED_ENDPOINTS, choice_texts, prompt_texts
 from batchd.engine.retry import RATE_LIMITED, Parked, backoff, is_retryable
+from batchd.envelopes import openai_error
 from batchd.errors import ConfigError
+from batchd.models import CHAT_COMPLETIONS, COMPLETIONS, MESSAGES_ENDPOINT, RESPONSES
 from batchd.results import record
 from batchd.results.answer import Result as Answered
 from batchd.results.answer import answer_record
@@ -100,7 +94,7 @@ class ContentFilter:
         is JSON-encoded, ``body`` the line's request body, ``started`` when it was taken up
         (unix seconds)."""
         payload = _object(body) if endpoint in FILTERED_ENDPOINTS else None
-        if payload is None or (endpoint == MESSAGES and not self.block):
+        if payload is None or (endpoint == MESSAGES_ENDPOINT and not self.block):
             # An Anthropic Message has no place for annotations: only block mode applies.
             return await run()
         prompts = prompt_texts(endpoint, payload)
@@ -153,14 +147,13 @@ class ContentFilter:
         return [next(judged) if p is not None else None for p in prompts]
 
     def _unjudged(self, custom_id: bytes, started: float) -> bytes:
-        error = {
-            "message": "The content filter could not judge this prompt in time, and with "
+        error = openai_error(
+            "The content filter could not judge this prompt in time, and with "
             'action = "block" an unjudged prompt is not sent. Try the line again.',
-            "type": "server_error",
-            "param": None,
-            "code": "content_filter_error",
-        }
-        resp = UpstreamResponse(503, orjson.dumps({"error": error}), f"req_{uuid.uuid4().hex}")
+            "server_error",
+            code="content_filter_error",
+        )
+        resp = UpstreamResponse(503, orjson.dumps(error), f"req_{uuid.uuid4().hex}")
         return answer_record(custom_id, resp, started)[1]
 
     def _refusal(self, custom_id: bytes, assessment: Assessment, started: float) -> bytes:
@@ -186,7 +179,7 @@ class ContentFilter:
             return result
         context = "\n".join(p for p in prompts if p) or None
         judged = await self._classify(choice_texts(endpoint, body), replying_to=context)
-        if endpoint in (RESPONSES, MESSAGES):
+        if endpoint in (RESPONSES, MESSAGES_ENDPOINT):
             if self.block and judged and (judged[0] is None or self._flagged(judged[0])):
                 if endpoint == RESPONSES:
                     _withhold_response(body)
@@ -234,7 +227,7 @@ def _is_output(result: Result) -> TypeGuard[Answered]:
 def _withhold_choice(endpoint: str, choice: dict[str, Any]) -> None:
     choice["finish_reason"] = "content_filter"
     choice["logprobs"] = None
-    if endpoint == CHAT:
+    if endpoint == CHAT_COMPLETIONS:
         message = choice.get("message")
         if isinstance(message, dict):
             message["content"] = None

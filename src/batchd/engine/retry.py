@@ -40,6 +40,7 @@ from batchd.backends.base import (
     UpstreamTimeout,
     UpstreamTooLarge,
 )
+from batchd.envelopes import openai_error
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,11 @@ def transport_failure(exc: BaseException) -> UpstreamResponse:
     else:
         status, code = 502, "internal_error"
     body = orjson.dumps(
-        {
-            "error": {
-                "message": f"No answer from the upstream after the last attempt: {exc}",
-                "type": "upstream_error",
-                "param": None,
-                "code": code,
-            }
-        }
+        openai_error(
+            f"No answer from the upstream after the last attempt: {exc}",
+            "upstream_error",
+            code=code,
+        )
     )
     return UpstreamResponse(status, body)
 

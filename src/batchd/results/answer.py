@@ -18,6 +18,7 @@ import msgspec
 import orjson
 
 from batchd.backends.base import UpstreamResponse
+from batchd.envelopes import openai_error
 from batchd.models import Usage
 from batchd.results.record import answered, unanswered
 
@@ -127,27 +128,15 @@ def error_body(resp: UpstreamResponse) -> bytes:
     if checked is not None:
         return checked[0]
     text = resp.body.decode("utf-8", "replace")[:2000]
-    return orjson.dumps(
-        {
-            "error": {
-                "message": text or f"HTTP {resp.status_code}",
-                "type": "upstream_error",
-                "param": None,
-                "code": None,
-            }
-        }
-    )
+    return orjson.dumps(openai_error(text or f"HTTP {resp.status_code}", "upstream_error"))
 
 
 INVALID_BODY = orjson.dumps(
-    {
-        "error": {
-            "message": "The upstream answered with a body that is not a JSON object.",
-            "type": "upstream_error",
-            "param": None,
-            "code": "invalid_upstream_response",
-        }
-    }
+    openai_error(
+        "The upstream answered with a body that is not a JSON object.",
+        "upstream_error",
+        code="invalid_upstream_response",
+    )
 )
 
 # What the engine's senders get for one request: (succeeded, record line, usage).

@@ -12,9 +12,14 @@ from typing import Any
 
 import orjson
 
+from batchd.envelopes import ANTHROPIC_TYPES, anthropic_error, anthropic_error_type
 from batchd.models import MESSAGES_ENDPOINT
 from batchd.results.record import CANCELLED, EXPIRED, Record
-from batchd.service.messages_format import RESULT_ERROR_TYPES, error_envelope, message_of
+from batchd.service.messages_format import message_of
+
+# Inside a result line the SDK parses ``error.error`` as one of these only (its
+# ``ErrorObject`` union): ``api_error`` included, ``request_too_large`` not.
+RESULT_ERROR_TYPES = frozenset(ANTHROPIC_TYPES.values()) - {"request_too_large"} | {"api_error"}
 
 
 def errored(
@@ -23,11 +28,11 @@ def errored(
     """A request's ``errored`` result with Anthropic's error envelope. ``kind``: the error
     type an Anthropic upstream named, kept when a result line may carry it (the SDK's
     ``ErrorObject`` union); else the type of ``status``, or ``invalid_request_error``."""
-    envelope = error_envelope(status, message)
-    if kind in RESULT_ERROR_TYPES:
-        envelope["error"]["type"] = kind
-    elif envelope["error"]["type"] not in RESULT_ERROR_TYPES:
-        envelope["error"]["type"] = "invalid_request_error"
+    if kind not in RESULT_ERROR_TYPES:
+        kind = anthropic_error_type(status)
+        if kind not in RESULT_ERROR_TYPES:
+            kind = "invalid_request_error"
+    envelope = anthropic_error(message, kind)
     return {"custom_id": custom_id, "result": {"type": "errored", "error": envelope}}
 
 

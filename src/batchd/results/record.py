@@ -11,8 +11,8 @@ Line (fields in this order; ``body`` last, spliced as received, never re-encoded
 ``status_code``/``request_id``/``body``: the upstream's answer when there is one to pass on
 (a failed 4xx/5xx too); ``error``: why there is none (``invalid_request``,
 ``model_not_found``, ``backend_unavailable``, ``batch_cancelled``, ``batch_expired``, ...).
-``usage``: tokens read from a succeeded body (zeros otherwise). Times: unix seconds, null for
-a request never executed.
+``usage``: tokens read from a succeeded body (zeros otherwise). Times: unix seconds (to the
+millisecond), null for a request never executed.
 
 The engine writes lines with one formatting operation each (:func:`answered`,
 :func:`unanswered`); :func:`decode_records` reads them with ``body`` as :class:`msgspec.Raw`.
@@ -72,11 +72,11 @@ _encoder = msgspec.json.Encoder()
 # are spliced JSON-encoded, ``body`` as one line of JSON.
 _ANSWERED = (
     b'{"custom_id":%s,"outcome":"%s","status_code":%d,"request_id":%s,"error":null,'
-    b'"usage":[%d,%d,%d,%d],"started_at":%.6f,"ended_at":%.6f,"body":%s}\n'
+    b'"usage":[%d,%d,%d,%d],"started_at":%.3f,"ended_at":%.3f,"body":%s}\n'
 )
 _UNANSWERED = (
     b'{"custom_id":%s,"outcome":"%s","status_code":null,"request_id":null,"error":%s,'
-    b'"usage":[0,0,0,0],"started_at":%.6f,"ended_at":%.6f,"body":null}\n'
+    b'"usage":[0,0,0,0],"started_at":%.3f,"ended_at":%.3f,"body":null}\n'
 )
 _NEVER_RUN = (
     b'{"custom_id":%s,"outcome":"%s","status_code":null,"request_id":null,"error":%s,'

@@ -6,7 +6,6 @@ import asyncio
 import logging
 from typing import Any
 
-from batchd.backends.base import ENDPOINTS, normalise_endpoint
 from batchd.config import Settings, parse_window
 from batchd.errors import Conflict, InvalidRequest, NotFound, excerpt
 from batchd.models import (
@@ -14,12 +13,14 @@ from batchd.models import (
     API_AZURE,
     API_OPENAI,
     CANCELLING,
+    ENDPOINTS,
     MESSAGES_ENDPOINT,
     PURPOSE_BATCH,
     TERMINAL,
     VALIDATING,
     BatchRecord,
     new_id,
+    normalise_endpoint,
     now,
 )
 from batchd.service.activation import Activator

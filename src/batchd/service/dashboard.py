@@ -17,11 +17,10 @@ import anyio.to_thread
 import orjson
 from prometheus_client.core import Metric
 
-from batchd.backends.base import normalise_endpoint
 from batchd.blobs.base import Blobs
 from batchd.config import Deployment, Settings
 from batchd.errors import BlobNotFound, InvalidRequest, NotFound
-from batchd.models import PURPOSE_BATCH, BatchRecord, FileRecord
+from batchd.models import PURPOSE_BATCH, BatchRecord, FileRecord, normalise_endpoint
 from batchd.results.openai import openai_line
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService, Upload

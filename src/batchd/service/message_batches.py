@@ -29,6 +29,7 @@ from batchd.errors import ApiError, InvalidRequest, NotFound, TooLarge, excerpt
 from batchd.models import (
     API_ANTHROPIC,
     CANCELLING,
+    CHAT_COMPLETIONS,
     FAILED,
     MESSAGES_ENDPOINT,
     PURPOSE_BATCH,
@@ -40,7 +41,7 @@ from batchd.results.reader import read_results
 from batchd.results.record import CANCELLED, EXPIRED, Record, line_id
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
-from batchd.service.messages_format import CHAT_ENDPOINT, chat_body, messages_body
+from batchd.service.messages_format import chat_body, messages_body
 from batchd.store.message_batches import MessageBatchRow
 from batchd.store.protocols import MessageBatchRecords, QueueStore
 
@@ -97,7 +98,7 @@ def jsonl_of(
     first = _model_of(requests[0])
     passthrough = first is not None and speaks_messages(first)
     to_body = messages_body if passthrough else chat_body
-    url = MESSAGES_ENDPOINT if passthrough else CHAT_ENDPOINT
+    url = MESSAGES_ENDPOINT if passthrough else CHAT_COMPLETIONS
     seen: set[str] = set()
     models: set[str] = set()
     lines = []

@@ -29,8 +29,6 @@ import orjson
 
 from batchd.errors import InvalidRequest
 
-CHAT_ENDPOINT = "/v1/chat/completions"
-
 _PARAMS = frozenset(
     {
         "model",
@@ -319,33 +317,3 @@ def message_of(body: Any, message_id: str) -> dict[str, Any]:
             "cache_creation_input_tokens": 0,
         },
     }
-
-
-# Anthropic's error types by HTTP status (the ``anthropic`` SDK's ``types/shared/``).
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-# Inside a result line the SDK parses ``error.error`` as one of these only (its
-# ``ErrorObject`` union): ``api_error`` included, ``request_too_large`` not.
-RESULT_ERROR_TYPES = frozenset(_ERROR_TYPES.values()) - {"request_too_large"} | {"api_error"}
-
-
-def error_type(status: int) -> str:
-    """Anthropic's error ``type`` for an HTTP status (``api_error`` for any other 5xx,
-    ``invalid_request_error`` for any other 4xx)."""
-    return _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-
-
-def error_envelope(status: int, message: str) -> dict[str, Any]:
-    """Anthropic's error body: ``{"type": "error", "error": {"type", "message"}}``."""
-    error: dict[str, str] = {"type": error_type(status), "message": message}
-    return {"type": "error", "error": error}

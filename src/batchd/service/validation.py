@@ -21,8 +21,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from batchd.backends.base import normalise_endpoint
-from batchd.models import FileSummary, ShardSpan, ValidationIssue
+from batchd.models import FileSummary, ShardSpan, ValidationIssue, normalise_endpoint
 from batchd.service.idset import IdSet
 from batchd.service.input_line import (
     DECODE_ERRORS,

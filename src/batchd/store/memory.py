@@ -1,6 +1,8 @@
 """The whole store in memory, for unit tests of the engine, the finaliser and the services.
 
-One :class:`MemoryState` holds every aggregate's rows; :func:`memory_store` builds a
+One :class:`~batchd.store.memory_state.MemoryState` holds every aggregate's rows (idempotency
+keys, leases and message batches are kept by :mod:`batchd.store.memory_keyed` and
+:mod:`batchd.store.memory_message_batches`); :func:`memory_store` builds a
 :class:`~batchd.store.protocols.Store` over it, and two stores over one state stand for two
 replicas on one database. It keeps the SQL store's contract (the same contract suite runs on
 it): claims in the same fair order, checkpoints fenced by the lease token, limits checked
@@ -14,10 +16,9 @@ Nothing is persisted, and the state belongs to one event loop: not for productio
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 from batchd.errors import LeaseLost, QuotaExceeded, StoreError
 from batchd.models import (
@@ -38,11 +39,10 @@ from batchd.models import (
     ShardSpan,
     Usage,
     ValidationIssue,
-    new_id,
 )
-from batchd.store.memory_keyed import KeyRow, MemoryIdempotencyKeys, MemoryLeases
+from batchd.store.memory_keyed import MemoryIdempotencyKeys, MemoryLeases
 from batchd.store.memory_message_batches import MemoryMessageBatches
-from batchd.store.message_batches import MessageBatchRow
+from batchd.store.memory_state import BatchRow, MemoryState, ShardRow, SlotRow
 from batchd.store.protocols import IdempotencyKeyStore, ShardCheckpoint, Store
 from batchd.store.rows import UNFINISHED
 from batchd.store.slots import SlotDemand, SlotGrant, even, grants_for
@@ -50,128 +50,6 @@ from batchd.store.state import QueueState, SlotUse
 from batchd.store.usage import TokenUsage
 
 _INT64 = 2**63
-
-
-@dataclass
-class _File:
-    rec: FileRecord
-    deleted_at: int | None = None
-
-
-@dataclass
-class _Batch:
-    rec: BatchRecord
-    final_owner: str | None = None
-    final_until: float | None = None
-
-
-@dataclass
-class _Shard:
-    span: ShardSpan
-    status: str = SHARD_PENDING
-    token: int = 0
-    done: bytes = b""
-    part_seq: int = 0
-    lease_owner: str | None = None
-    lease_until: float | None = None
-    not_before: float | None = None
-
-    def leased(self, now: float) -> bool:
-        return self.lease_until is not None and self.lease_until >= now
-
-
-@dataclass
-class _Event:
-    event: BatchEvent
-    next_attempt_at: float | None = 0.0
-    delivered_at: int | None = None
-
-
-@dataclass
-class _Slots:
-    want: int
-    slots: int
-    until: float
-    projects: dict[str, int]
-
-
-@dataclass
-class MemoryState:
-    """Every table of the store, as dicts keyed like the tables' primary keys."""
-
-    files: dict[str, _File] = field(default_factory=dict)
-    batches: dict[str, _Batch] = field(default_factory=dict)
-    shards: dict[str, dict[int, _Shard]] = field(default_factory=dict)  # batch -> idx -> shard
-    parts: dict[tuple[str, int, int], Part] = field(default_factory=dict)
-    events: dict[str, _Event] = field(default_factory=dict)
-    slots: dict[tuple[str, str], _Slots] = field(default_factory=dict)  # (deployment, owner)
-    keys: dict[tuple[str, str, str], KeyRow] = field(default_factory=dict)
-    leases: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> owner, until
-    message_batches: dict[str, MessageBatchRow] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Undo every change of the block if it raises (a rolled-back transaction)."""
-        saved = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
-        try:
-            yield
-        except BaseException:
-            for name, value in saved.items():
-                setattr(self, name, value)
-            raise
-
-    # -- helpers shared by the aggregates ------------------------------------------------
-    def add_file(self, rec: FileRecord) -> None:
-        if rec.id in self.files:
-            raise StoreError(f"metadata store write failed: duplicate file id {rec.id}")
-        self.files[rec.id] = _File(copy.deepcopy(rec))
-
-    def not_started(self, b: _Batch) -> bool:
-        """Validating, or cancelled before its shards were made."""
-        return b.rec.status == VALIDATING or (
-            b.rec.status == CANCELLING and not self.shards.get(b.rec.id)
-        )
-
-    def in_use(self, blob_key: str) -> bool:
-        return any(
-            b.rec.input_blob_key == blob_key and b.rec.status in UNFINISHED
-            for b in self.batches.values()
-        )
-
-    def record_event(self, batch_id: str, status: str, at: int) -> None:
-        """Add ``batch.<status>`` to the outbox (with the change that ended the batch)."""
-        project = self.batches[batch_id].rec.project
-        event = BatchEvent(new_id("evt_"), project, batch_id, f"batch.{status}", at, 0)
-        self.events[event.id] = _Event(event)
-
-    def add_part(self, part: Part, usage: Usage) -> None:
-        """Commit ``part`` to its batch: its first position is the batch's ``completed +
-        failed`` before its counts are added (the SQL store's rule), ``usage`` added too."""
-        key = (part.batch_id, part.shard_idx, part.seq)
-        if key in self.parts:
-            raise StoreError(f"metadata store write failed: duplicate part {key}")
-        rec = self.batches[part.batch_id].rec
-        self.parts[key] = replace(part, first_pos=rec.completed + rec.failed)
-        rec.completed += part.out_lines
-        rec.failed += part.err_lines
-        rec.usage = Usage(
-            rec.usage.input_tokens + usage.input_tokens,
-            rec.usage.cached_tokens + usage.cached_tokens,
-            rec.usage.output_tokens + usage.output_tokens,
-            rec.usage.reasoning_tokens + usage.reasoning_tokens,
-        )
-
-    def drop_parts(self, batch_id: str) -> None:
-        for key in [k for k in self.parts if k[0] == batch_id]:
-            del self.parts[key]
-
-    def drop_batch(self, batch_id: str) -> None:
-        """Delete a batch and what refers to it (the tables' ``ON DELETE CASCADE``)."""
-        del self.batches[batch_id]
-        self.shards.pop(batch_id, None)
-        self.drop_parts(batch_id)
-        for mb in [m.id for m in self.message_batches.values() if m.batch_id == batch_id]:
-            del self.message_batches[mb]
 
 
 def _listed(rec: FileRecord) -> FileRecord:
@@ -260,7 +138,7 @@ class MemoryBatchStore:
     def __init__(self, state: MemoryState) -> None:
         self._s = state
 
-    def _get(self, batch_id: str, project: str | None = None) -> _Batch | None:
+    def _get(self, batch_id: str, project: str | None = None) -> BatchRow | None:
         b = self._s.batches.get(batch_id)
         return b if b is not None and project in (None, b.rec.project) else None
 
@@ -284,7 +162,7 @@ class MemoryBatchStore:
             api=rec.api,
             endpoint_as_sent=rec.endpoint_as_sent,
         )
-        self._s.batches[rec.id] = _Batch(kept)
+        self._s.batches[rec.id] = BatchRow(kept)
 
     async def get_batch(self, batch_id: str, project: str | None = None) -> BatchRecord | None:
         b = self._get(batch_id, project)
@@ -375,7 +253,7 @@ class MemoryBatchStore:
             b.rec.token_estimate = token_estimate
         b.rec.model, b.rec.total = model, total
         self._s.shards[batch_id] = {
-            i: _Shard(span=s, done=bytes((s.count + 7) // 8)) for i, s in enumerate(spans)
+            i: ShardRow(span=s, done=bytes((s.count + 7) // 8)) for i, s in enumerate(spans)
         }
         return True
 
@@ -409,7 +287,7 @@ class MemoryQueueStore:
     def __init__(self, state: MemoryState) -> None:
         self._s = state
 
-    def _held(self, claim: ShardClaim) -> _Shard | None:
+    def _held(self, claim: ShardClaim) -> ShardRow | None:
         """The claimed shard, while the claim's token still holds it (the fence)."""
         sh = self._s.shards.get(claim.batch_id, {}).get(claim.idx)
         if sh is None or sh.token != claim.token or sh.status != SHARD_PENDING:
@@ -529,7 +407,7 @@ class MemoryQueueStore:
                 self._s.add_part(part, ck.usage)
         return lost
 
-    def _ready(self, b: _Batch, now: float) -> bool:
+    def _ready(self, b: BatchRow, now: float) -> bool:
         """Ready to finalise (the SQL store's ``claim_finalize`` condition)."""
         if b.final_until is not None and b.final_until >= now:
             return False
@@ -543,7 +421,7 @@ class MemoryQueueStore:
             or (running and b.rec.expires_at <= now and not live)
         )
 
-    def _finalising(self, batch_id: str, owner: str) -> _Batch | None:
+    def _finalising(self, batch_id: str, owner: str) -> BatchRow | None:
         b = self._s.batches.get(batch_id)
         if b is None or b.final_owner != owner or b.rec.status in TERMINAL:
             return None
@@ -742,7 +620,7 @@ class MemorySlotStore:
         grants = grants_for(owner, demands, held, weight)
         for d, g in grants.items():
             want = min(demands[d].want, demands[d].limit)
-            rows[(d, owner)] = _Slots(want, g.slots, until, demands[d].by_project())
+            rows[(d, owner)] = SlotRow(want, g.slots, until, demands[d].by_project())
         return grants
 
     async def live_engines(self, now: float) -> int:

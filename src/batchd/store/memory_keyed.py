@@ -3,22 +3,8 @@ contract of their SQL store (:mod:`batchd.store.keyed`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from batchd.store.keyed import KeyState, held_key
-
-if TYPE_CHECKING:
-    from batchd.store.memory import MemoryState
-
-
-@dataclass
-class KeyRow:
-    """One ``Idempotency-Key`` of a project and kind."""
-
-    fingerprint: str
-    result_id: str | None
-    created_at: int
+from batchd.store.memory_state import KeyRow, MemoryState
 
 
 class MemoryIdempotencyKeys:

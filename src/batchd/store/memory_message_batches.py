@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from batchd.errors import StoreError
 from batchd.models import BatchRecord
+from batchd.store.memory_state import MemoryState
 from batchd.store.message_batches import MessageBatchRow
-
-if TYPE_CHECKING:
-    from batchd.store.memory import MemoryState
 
 
 class MemoryMessageBatches:

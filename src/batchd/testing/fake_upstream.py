@@ -54,6 +54,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from batchd.envelopes import anthropic_error, openai_error
+from batchd.models import MESSAGES_ENDPOINT
 from batchd.testing.fake_moderation import guard_verdict, moderation_answer
 
 
@@ -222,7 +224,7 @@ def answer(path: str, body: dict[str, Any], reply: str | None = None) -> dict[st
     return moderation_answer(str(model), body.get("input"))
 
 
-MESSAGES = "/v1/messages"
+MESSAGES = MESSAGES_ENDPOINT
 # The params of Anthropic's POST /v1/messages (the ``anthropic`` SDK's MessageCreateParams).
 _MESSAGES_PARAMS = frozenset(
     {
@@ -237,14 +239,13 @@ _ANTHROPIC_TYPES = {"server_error": "api_error"}  # OpenAI's error type -> Anthr
 def _error(status: int, message: str, type_: str, path: str = "") -> web.Response:
     """An error answer: Anthropic's shape on ``/v1/messages``, else OpenAI's."""
     if path == MESSAGES:
-        error = {"type": _ANTHROPIC_TYPES.get(type_, type_), "message": message}
-        body: dict[str, Any] = {"type": "error", "error": error}
+        body = anthropic_error(message, _ANTHROPIC_TYPES.get(type_, type_))
         resp = web.Response(
             body=orjson.dumps(body), status=status, content_type="application/json"
         )
         resp.headers["request-id"] = f"req_{uuid.uuid4().hex}"
         return resp
-    body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
+    body = openai_error(message, type_)
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 

@@ -33,6 +33,7 @@ from starlette.staticfiles import StaticFiles
 from batchd.api.auth import LOCAL_PROJECT
 from batchd.api.upload import read_form
 from batchd.errors import ApiError, InvalidRequest
+from batchd.models import ENDPOINTS
 from batchd.service.dashboard import DashboardService
 from batchd.service.files import FileService
 from batchd.ui import views
@@ -189,7 +190,7 @@ class Dashboard:
             next=urlencode({"after": rows[-1].id}) if more and rows else None,
             after=after,
             windows=self._dash.describe()["completion_windows"],
-            endpoints=views.ENDPOINTS,
+            endpoints=ENDPOINTS,
         )
 
     async def upload(self, request: Request, viewer: Viewer) -> Response:

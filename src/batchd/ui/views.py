@@ -6,10 +6,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from batchd.backends.base import ENDPOINTS
 from batchd.models import BatchRecord
-
-__all__ = ["ENDPOINTS"]
 
 RUNNING = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 STATUSES = (

@@ -31,20 +31,27 @@ def _refuse_if_parts(what: str) -> None:
         )
 
 
-def upgrade() -> None:
-    _refuse_if_parts("previous")
-    op.drop_table("parts")
+def _create_parts(*columns: sa.Column[object]) -> None:
+    """The parts table with ``columns`` between its key and its line counts."""
     op.create_table(
         "parts",
         sa.Column("batch_id", sa.String(64), nullable=False),
         sa.Column("shard_idx", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("seq", sa.Integer(), autoincrement=False, nullable=False),
-        sa.Column("blob_key", sa.Text(), nullable=False),
+        *columns,
         sa.Column("out_lines", sa.Integer(), nullable=False),
         sa.Column("err_lines", sa.Integer(), nullable=False),
-        sa.Column("first_pos", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(["batch_id"], ["batches.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("batch_id", "shard_idx", "seq"),
+    )
+
+
+def upgrade() -> None:
+    _refuse_if_parts("previous")
+    op.drop_table("parts")
+    _create_parts(
+        sa.Column("blob_key", sa.Text(), nullable=False),
+        sa.Column("first_pos", sa.BigInteger(), nullable=False),
     )
     op.create_index("ix_parts_positions", "parts", ["batch_id", "first_pos"], unique=True)
 
@@ -53,15 +60,7 @@ def downgrade() -> None:
     _refuse_if_parts("record")
     op.drop_index("ix_parts_positions", table_name="parts")
     op.drop_table("parts")
-    op.create_table(
-        "parts",
-        sa.Column("batch_id", sa.String(64), nullable=False),
-        sa.Column("shard_idx", sa.Integer(), autoincrement=False, nullable=False),
-        sa.Column("seq", sa.Integer(), autoincrement=False, nullable=False),
+    _create_parts(
         sa.Column("out_key", sa.Text(), nullable=True),
         sa.Column("err_key", sa.Text(), nullable=True),
-        sa.Column("out_lines", sa.Integer(), nullable=False),
-        sa.Column("err_lines", sa.Integer(), nullable=False),
-        sa.ForeignKeyConstraint(["batch_id"], ["batches.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("batch_id", "shard_idx", "seq"),
     )
