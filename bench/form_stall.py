@@ -116,7 +116,7 @@ async def main() -> None:
         settings = load_settings(None, data_dir=tmp)
         await migrate(settings.resolved_database_url)
         store = open_store(settings.resolved_database_url)
-        files = FileService(settings, store, LocalBlobs(Path(tmp) / "files"))
+        files = FileService(settings, store.files, LocalBlobs(Path(tmp) / "files"))
         for name, body in bodies:
             base = await worst_stall(lambda b=body: unbounded_reads(b))
             ours = await worst_stall(lambda b=body: batchd_reads(files, b))

@@ -305,14 +305,13 @@ async def _usage(settings: Settings, project: str | None) -> None:
     """Print the tokens per project and deployment (:mod:`batchd.store.usage`), one row each:
     enqueued (held by the quotas, with the limits) and used (input and output)."""
     from batchd.store.connect import migrate, open_store
-    from batchd.store.usage import token_usage
 
     url = settings.resolved_database_url
     if settings.migrate_on_start:
         await migrate(url)
     store = open_store(url)
     try:
-        rows = await token_usage(store, project)
+        rows = await store.usage.token_usage(project)
     finally:
         await store.close()
     head = ("PROJECT", "MODEL", "ENQUEUED", "LIMIT", "PROJECT LIMIT", "INPUT", "OUTPUT", "LIVE")

@@ -1,6 +1,6 @@
-"""Count- and token-based limits hold under concurrency, on SQLite and on PostgreSQL, with
-two stores on one database standing for two replicas (issue 10); and a batch row exists
-only once its create succeeded."""
+"""Count- and token-based limits hold under concurrency, in memory, on SQLite and on
+PostgreSQL, with two stores on one database standing for two replicas (issue 10); and a
+batch row exists only once its create succeeded."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from batchd.models import (
 from batchd.service.activation import Activator
 from batchd.service.batches import BatchService
 from batchd.store.connect import migrate
-from batchd.store.sql import Store
+from batchd.store.protocols import Store
 from tests.integration.test_store_contract import file_rec
 
 
@@ -44,33 +44,35 @@ def batch_rec(project: str = "p") -> BatchRecord:
 async def test_max_files_holds_under_concurrency(replicas: tuple[Store, Store]) -> None:
     async def upload(i: int) -> bool:
         try:
-            await replicas[i % 2].insert_file(file_rec(), max_files=10)
+            await replicas[i % 2].files.insert_file(file_rec(), max_files=10)
         except QuotaExceeded:
             return False
         return True
 
     stored = await asyncio.gather(*(upload(i) for i in range(60)))
     assert sum(stored) == 10
-    assert await replicas[0].count_files("p") == 10
+    assert await replicas[0].files.count_files("p") == 10
     # Per project: another project still has room, a deleted file frees a place.
-    await replicas[1].insert_file(file_rec("q"), max_files=10)
-    victim = (await replicas[0].list_files("p", purpose=None, limit=1, after=None, order="asc"))[0]
-    await replicas[0].mark_file_deleted(victim.id, "p", at=2)
-    await replicas[1].insert_file(file_rec(), max_files=10)
+    await replicas[1].files.insert_file(file_rec("q"), max_files=10)
+    victim = (
+        await replicas[0].files.list_files("p", purpose=None, limit=1, after=None, order="asc")
+    )[0]
+    await replicas[0].files.mark_file_deleted(victim.id, "p", at=2)
+    await replicas[1].files.insert_file(file_rec(), max_files=10)
     with pytest.raises(QuotaExceeded) as exc:
-        await replicas[0].insert_file(file_rec(), max_files=10)
+        await replicas[0].files.insert_file(file_rec(), max_files=10)
     assert exc.value.used == 10
 
 
 async def test_enqueued_tokens_hold_under_concurrency(replicas: tuple[Store, Store]) -> None:
     recs = [batch_rec() for _ in range(12)]
     for r in recs:
-        await replicas[0].insert_batch(r)
+        await replicas[0].batches.insert_batch(r)
     spans = [ShardSpan(0, 10, 1, 1)]
 
     async def activate(i: int) -> bool:
         try:
-            return await replicas[i % 2].activate_batch(
+            return await replicas[i % 2].batches.activate_batch(
                 recs[i].id, model="m", spans=spans, token_estimate=40, at=2, token_limit=100
             )
         except QuotaExceeded as exc:
@@ -79,13 +81,13 @@ async def test_enqueued_tokens_hold_under_concurrency(replicas: tuple[Store, Sto
 
     activated = await asyncio.gather(*(activate(i) for i in range(len(recs))))
     assert sum(activated) == 2
-    assert await replicas[0].enqueued_tokens("m") == 80
-    statuses = [(await replicas[1].get_batch(r.id)) for r in recs]
+    assert await replicas[0].batches.enqueued_tokens("m") == 80
+    statuses = [(await replicas[1].batches.get_batch(r.id)) for r in recs]
     assert sorted(b.status for b in statuses if b) == [IN_PROGRESS] * 2 + [VALIDATING] * 10
     # Another model has its own quota; no limit means no check.
     other = batch_rec()
-    await replicas[0].insert_batch(other)
-    assert await replicas[1].activate_batch(
+    await replicas[0].batches.insert_batch(other)
+    assert await replicas[1].batches.activate_batch(
         other.id, model="n", spans=spans, token_estimate=90, at=2, token_limit=100
     )
 
@@ -109,8 +111,10 @@ async def test_a_batch_whose_activation_raises_is_not_left_validating(
         token_estimate=5,
     )
     file = file_rec("p", summary)
-    await store.insert_file(file)
-    service = BatchService(settings, store, Activator(settings, store))
+    await store.files.insert_file(file)
+    service = BatchService(
+        settings, store.batches, store.files, Activator(settings, store.files, store.batches)
+    )
     with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises for the overflow
         await service.create(
             "p",
@@ -118,8 +122,8 @@ async def test_a_batch_whose_activation_raises_is_not_left_validating(
             endpoint="/v1/chat/completions",
             completion_window="24h",
         )
-    assert await store.list_batches("p", limit=10, after=None) == []
-    assert await store.validating_batches() == []
+    assert await store.batches.list_batches("p", limit=10, after=None) == []
+    assert await store.batches.validating_batches() == []
 
 
 def test_local_blobs_and_database_are_private(tmp_path: Path) -> None:

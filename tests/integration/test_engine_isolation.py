@@ -28,7 +28,7 @@ from batchd.models import (
 from batchd.service.activation import Activator
 from batchd.service.validation import Validator
 from batchd.store.connect import migrate, open_store
-from batchd.store.sql import Store
+from batchd.store.protocols import Store
 
 
 def lines(n: int, prefix: str) -> bytes:
@@ -52,17 +52,32 @@ async def make_batch(
     summary = v.finish()
     fid = new_id("file-")
     await blobs.put(f"inputs/{fid}", data)
-    await store.insert_file(
-        FileRecord(fid, project, "in.jsonl", "batch", len(data), now(), FILE_PROCESSED,
-                   f"inputs/{fid}", summary=summary)
+    await store.files.insert_file(
+        FileRecord(
+            fid,
+            project,
+            "in.jsonl",
+            "batch",
+            len(data),
+            now(),
+            FILE_PROCESSED,
+            f"inputs/{fid}",
+            summary=summary,
+        )
     )
     t = now()
     batch = BatchRecord(
-        id=new_id("batch_"), project=project, endpoint="/v1/chat/completions",
-        input_file_id=fid, completion_window="24h", status=VALIDATING, created_at=t,
-        expires_at=t + 86400, input_blob_key=f"inputs/{fid}",
+        id=new_id("batch_"),
+        project=project,
+        endpoint="/v1/chat/completions",
+        input_file_id=fid,
+        completion_window="24h",
+        status=VALIDATING,
+        created_at=t,
+        expires_at=t + 86400,
+        input_blob_key=f"inputs/{fid}",
     )
-    await store.insert_batch(batch)
+    await store.batches.insert_batch(batch)
     return batch
 
 
@@ -82,23 +97,25 @@ async def parts(tmp_path: Path) -> Any:
 async def test_cancel_while_validating_lists_every_line(parts: Any, tmp_path: Path) -> None:
     settings, store, blobs = parts
     batch = await make_batch(store, blobs, lines(5, "v"))
-    cancelled = await store.request_cancel(batch.id, "p", now())
+    cancelled = await store.batches.request_cancel(batch.id, "p", now())
     assert cancelled is not None and cancelled.status == "cancelling"
     # not finalised before its lines are known: that would end it with total 0
-    assert await store.claim_finalize("w", 1e12, 10, ("file-a", "file-b")) is None
-    assert [b.id for b in await store.validating_batches()] == [batch.id]
-    await Activator(settings, store).activate(cancelled)
-    started = await store.get_batch(batch.id)
+    assert await store.queue.claim_finalize("w", 1e12, 10, ("file-a", "file-b")) is None
+    assert [b.id for b in await store.batches.validating_batches()] == [batch.id]
+    await Activator(settings, store.files, store.batches).activate(cancelled)
+    started = await store.batches.get_batch(batch.id)
     assert started is not None and (started.status, started.total) == ("cancelling", 5)
-    assert await store.validating_batches() == []
-    leased = await store.claim_finalize("w", now() + 1.0, 10, (new_id("file-"), new_id("file-")))
+    assert await store.batches.validating_batches() == []
+    leased = await store.queue.claim_finalize(
+        "w", now() + 1.0, 10, (new_id("file-"), new_id("file-"))
+    )
     assert leased is not None and leased.id == batch.id
-    await Finalizer(store, blobs, tmp_path / "spool", "w").finalize(leased)
-    ended = await store.get_batch(batch.id)
+    await Finalizer(store.queue, blobs, tmp_path / "spool", "w").finalize(leased)
+    ended = await store.batches.get_batch(batch.id)
     assert ended is not None and ended.status == "cancelled"
     assert (ended.total, ended.completed, ended.failed) == (5, 0, 5)
     assert ended.error_file_id is not None
-    err_file = await store.get_file(ended.error_file_id)
+    err_file = await store.files.get_file(ended.error_file_id)
     assert err_file is not None
     rows = [json.loads(x) for x in (await blobs.read_all(err_file.blob_key)).splitlines()]
     assert sorted(r["custom_id"] for r in rows) == [f"v-{i}" for i in range(5)]
@@ -122,17 +139,18 @@ async def test_a_batch_that_fails_to_start_never_stops_the_others(
 
     monkeypatch.setattr(engine._activator, "activate", activate)
     await engine._start_waiting_batches()
-    got = await store.get_batch(good.id)
+    got = await store.batches.get_batch(good.id)
     assert got is not None and got.status == IN_PROGRESS  # at once, despite the other
-    got = await store.get_batch(bad.id)
+    got = await store.batches.get_batch(bad.id)
     assert got is not None and got.status == VALIDATING
     for _ in range(failures_module.MAX_TRIES - 1):
         await engine._start_waiting_batches()
-    failed = await store.get_batch(bad.id)
+    failed = await store.batches.get_batch(bad.id)
     assert failed is not None and failed.status == FAILED and failed.errors
     assert failed.errors[0].code == "internal_error"
     assert "OverflowError" in failed.errors[0].message
-    assert await store.validating_batches() == []
+    assert await store.batches.validating_batches() == []
+
     # the sweep's other steps run although one raises
     async def boom(*_: int) -> int:
         raise RuntimeError("expiry broke")
@@ -143,8 +161,8 @@ async def test_a_batch_that_fails_to_start_never_stops_the_others(
         collected.append("ran")
         return []
 
-    monkeypatch.setattr(store, "expire_files", boom)
-    monkeypatch.setattr(store, "deleted_files_unreferenced", collect)
+    monkeypatch.setattr(store.files, "expire_files", boom)
+    monkeypatch.setattr(store.files, "deleted_files_unreferenced", collect)
     await engine.sweep()
     assert collected == ["ran"]
 
@@ -157,17 +175,21 @@ async def test_a_dead_finaliser_is_taken_over_within_its_short_lease(parts: Any)
     settings, store, blobs = parts
     assert FINALIZE_LEASE <= 10
     batch = await make_batch(store, blobs, lines(2, "f"))
-    await store.request_cancel(batch.id, "p", now())
-    await Activator(settings, store).activate(batch)
+    await store.batches.request_cancel(batch.id, "p", now())
+    await Activator(settings, store.files, store.batches).activate(batch)
     t = float(now()) + 1
     ids = (new_id("file-"), new_id("file-"))
-    assert await store.claim_finalize("a", t, FINALIZE_LEASE, ids) is not None
-    assert await store.claim_finalize("b", t + FINALIZE_LEASE / 2, FINALIZE_LEASE, ids) is None
-    assert await store.renew_finalize(batch.id, "a", t + 2 * FINALIZE_LEASE)
-    assert await store.claim_finalize("b", t + 1.5 * FINALIZE_LEASE, FINALIZE_LEASE, ids) is None
-    taken = await store.claim_finalize("b", t + 2 * FINALIZE_LEASE + 0.1, FINALIZE_LEASE, ids)
+    assert await store.queue.claim_finalize("a", t, FINALIZE_LEASE, ids) is not None
+    assert (
+        await store.queue.claim_finalize("b", t + FINALIZE_LEASE / 2, FINALIZE_LEASE, ids) is None
+    )
+    assert await store.queue.renew_finalize(batch.id, "a", t + 2 * FINALIZE_LEASE)
+    assert (
+        await store.queue.claim_finalize("b", t + 1.5 * FINALIZE_LEASE, FINALIZE_LEASE, ids) is None
+    )
+    taken = await store.queue.claim_finalize("b", t + 2 * FINALIZE_LEASE + 0.1, FINALIZE_LEASE, ids)
     assert taken is not None and taken.id == batch.id
-    assert not await store.renew_finalize(batch.id, "a", t + 100)  # "a" lost it
+    assert not await store.queue.renew_finalize(batch.id, "a", t + 100)  # "a" lost it
 
 
 async def test_a_shard_that_keeps_failing_backs_off_then_fails_its_batch(
@@ -179,18 +201,18 @@ async def test_a_shard_that_keeps_failing_backs_off_then_fails_its_batch(
 
     settings, store, blobs = parts
     batch = await make_batch(store, blobs, lines(2, "s"))
-    await Activator(settings, store).activate(batch)
+    await Activator(settings, store.files, store.batches).activate(batch)
     await blobs.delete(batch.input_blob_key)
     engine = Engine(settings, store, blobs, {}, owner="w")
     for attempt in range(failures_module.MAX_TRIES):
         # past any backoff (at most 60 s), and past the lease of the run before
-        claims = await store.claim_shards("w", 1, time.time() + 61 * (attempt > 0), 30)
+        claims = await store.queue.claim_shards("w", 1, time.time() + 61 * (attempt > 0), 30)
         assert len(claims) == 1, attempt
-        run = ShardRun(claims[0], store, blobs, tmp_path / "spool", engine._routes, 0.1, 0.1)
+        run = ShardRun(claims[0], store.queue, blobs, tmp_path / "spool", engine._routes, 0.1, 0.1)
         await engine._run_shard(run)
         if attempt < failures_module.MAX_TRIES - 1:
-            assert await store.claim_shards("w", 1, time.time() + 1, 30) == []  # backing off
-    ended = await store.get_batch(batch.id)
+            assert await store.queue.claim_shards("w", 1, time.time() + 1, 30) == []  # backing off
+    ended = await store.batches.get_batch(batch.id)
     assert ended is not None and ended.status == FAILED and ended.errors
     assert ended.errors[0].code == "internal_error"
     assert "could not be run after 5 tries" in ended.errors[0].message

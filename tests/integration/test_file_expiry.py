@@ -25,7 +25,7 @@ async def test_expired_files_are_deleted(tmp_path: Path) -> None:
         t = now()
         for fid, expires in (("file-old", t - 1), ("file-new", t + 3600), ("file-none", None)):
             await blobs.put(f"inputs/{fid}", b"{}\n")
-            await store.insert_file(
+            await store.files.insert_file(
                 FileRecord(
                     fid,
                     "p",
@@ -38,13 +38,13 @@ async def test_expired_files_are_deleted(tmp_path: Path) -> None:
                     expires_at=expires,
                 )
             )
-        assert await store.expire_files(t) == 1
-        assert await store.get_file("file-old") is None
-        assert await store.get_file("file-new") is not None
-        assert await store.get_file("file-none") is not None
-        gone = await store.deleted_files_unreferenced()
+        assert await store.files.expire_files(t) == 1
+        assert await store.files.get_file("file-old") is None
+        assert await store.files.get_file("file-new") is not None
+        assert await store.files.get_file("file-none") is not None
+        gone = await store.files.deleted_files_unreferenced()
         assert [f.id for f in gone] == ["file-old"]
-        assert await store.expire_files(t) == 0
+        assert await store.files.expire_files(t) == 0
     finally:
         await store.close()
 
@@ -68,7 +68,7 @@ async def test_one_reaper_at_a_time_deletes_expired_bytes_and_rows(
     blobs = LocalBlobs(tmp_path / "files")
     settings = load_settings(None, data_dir=str(tmp_path))
     reapers = [
-        Reaper(s, FileService(settings, s, blobs), owner=f"engine-{i}", lease_seconds=60)
+        Reaper(s, FileService(settings, s.files, blobs), owner=f"engine-{i}", lease_seconds=60)
         for i, s in enumerate(stores)
     ]
     store = stores[0]
@@ -81,7 +81,7 @@ async def test_one_reaper_at_a_time_deletes_expired_bytes_and_rows(
         ):
             if fid != "file-crashed":  # its bytes went before a crash, its row stayed
                 await blobs.put(key, b"{}\n")
-            await store.insert_file(
+            await store.files.insert_file(
                 FileRecord(
                     fid, "p", "a.jsonl", purpose, 3, t - 10, FILE_PROCESSED, key, expires_at=t - 1
                 )
@@ -97,22 +97,22 @@ async def test_one_reaper_at_a_time_deletes_expired_bytes_and_rows(
             expires_at=t + 86400,
             input_blob_key="inputs/file-in",
         )
-        await store.insert_batch(running)
+        await store.batches.insert_batch(running)
         took = await asyncio.gather(*(r.reap() for r in reapers))
         assert sorted(took) == [False, True]
         assert not (tmp_path / "files" / "outputs" / "file-out").exists()
         assert (tmp_path / "files" / "inputs" / "file-in").exists()  # still read
-        assert [f.id for f in await store.deleted_files_unreferenced()] == []
+        assert [f.id for f in await store.files.deleted_files_unreferenced()] == []
         holder = reapers[took.index(True)]
         assert await holder.reap()  # renewed by its holder
         await holder.release()  # a clean stop: the other takes over at once
         other = reapers[took.index(False)]
-        await store.fail_batch(running.id, [], t)
+        await store.batches.fail_batch(running.id, [], t)
         assert await other.reap()
         assert not (tmp_path / "files" / "inputs" / "file-in").exists()
-        assert [f.id for f in await store.deleted_files_unreferenced()] == []
+        assert [f.id for f in await store.files.deleted_files_unreferenced()] == []
         for fid in ("file-out", "file-in", "file-crashed"):
-            assert await store.get_file(fid) is None
+            assert await store.files.get_file(fid) is None
     finally:
         for s in stores:
             await s.close()

@@ -1,16 +1,15 @@
-"""Idempotency keys and named leases hold across replicas (two stores on one database), on
-SQLite and PostgreSQL (issue 12 items 4 and 5)."""
+"""Idempotency keys and named leases hold across replicas (two stores on one database), in
+memory, on SQLite and PostgreSQL (issue 12 items 4 and 5)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from batchd.store.keyed import IdempotencyKeys, Leases
-from batchd.store.sql import Store
+from batchd.store.protocols import Store
 
 
 async def test_one_of_many_concurrent_claims_wins(replicas: tuple[Store, Store]) -> None:
-    keys = [IdempotencyKeys(s) for s in replicas]
+    keys = [s.keys for s in replicas]
     states = await asyncio.gather(
         *(keys[i % 2].claim("p", "batch", "k", "fp", 1000) for i in range(10))
     )
@@ -26,7 +25,7 @@ async def test_one_of_many_concurrent_claims_wins(replicas: tuple[Store, Store])
 
 
 async def test_a_released_or_stale_key_runs_again(replicas: tuple[Store, Store]) -> None:
-    keys = IdempotencyKeys(replicas[0], stale=60)
+    keys = replicas[0].idempotency_keys(86400, 60)
     assert (await keys.claim("p", "file", "k", "fp", 0)).claim == "new"
     await keys.release("p", "file", "k")
     assert (await keys.claim("p", "file", "k", "fp", 1)).claim == "new"
@@ -35,7 +34,7 @@ async def test_a_released_or_stale_key_runs_again(replicas: tuple[Store, Store])
 
 
 async def test_a_lease_has_one_holder_until_it_lapses(replicas: tuple[Store, Store]) -> None:
-    a, b = Leases(replicas[0]), Leases(replicas[1])
+    a, b = replicas[0].leases, replicas[1].leases
     got = await asyncio.gather(
         *((a if i % 2 else b).acquire("reaper", f"owner-{i}", 100.0, 30.0) for i in range(8))
     )

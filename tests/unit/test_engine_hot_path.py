@@ -21,7 +21,7 @@ from batchd.engine.shard import ShardRun
 from batchd.engine.worker import BUSY_POLL_FACTOR, Engine
 from batchd.errors import BlobError, LeaseLost, StoreError
 from batchd.models import ShardClaim, ShardSpan, Usage
-from batchd.store.sql import ShardCheckpoint, Store
+from batchd.store.protocols import QueueStore, ShardCheckpoint
 
 
 class FakeStore:
@@ -53,7 +53,7 @@ class FakeBlobs:
 def make_run(store: FakeStore, blobs: FakeBlobs, idx: int, count: int = 4) -> ShardRun:
     claim = ShardClaim("batch_1", idx, ShardSpan(0, 10, 1, count), 7, bytes(1), 0,
                        "/v1/chat/completions", "in", 10**10)
-    run = ShardRun(claim=claim, store=cast(Store, store), blobs=cast(Blobs, blobs),
+    run = ShardRun(claim=claim, store=cast(QueueStore, store), blobs=cast(Blobs, blobs),
                    spool=Path("/nonexistent"), routes={}, checkpoint_seconds=0.05,
                    cancel_grace=0.1)
     run._done = bytearray(1)
@@ -66,7 +66,7 @@ def result(run: ShardRun, i: int, ok: bool = True) -> None:
 
 async def test_one_transaction_for_all_shards_with_new_results() -> None:
     store, blobs = FakeStore(), FakeBlobs()
-    cp = Checkpointer(cast(Store, store), 10)
+    cp = Checkpointer(cast(QueueStore, store), 10)
     runs = [make_run(store, blobs, i) for i in range(3)]
     result(runs[0], 0)
     result(runs[0], 1, ok=False)
@@ -86,7 +86,7 @@ async def test_one_transaction_for_all_shards_with_new_results() -> None:
 
 async def test_failure_before_commit_puts_results_back() -> None:
     store, blobs = FakeStore(), FakeBlobs()
-    cp = Checkpointer(cast(Store, store), 10)
+    cp = Checkpointer(cast(QueueStore, store), 10)
     run = make_run(store, blobs, 0)
     result(run, 0)
     blobs.fail = True
@@ -109,7 +109,7 @@ async def test_store_errors_are_retried_with_the_same_results(
     store.fail = 2
     run = make_run(store, blobs, 0)
     result(run, 0)
-    await Checkpointer(cast(Store, store), 10).checkpoint([run])
+    await Checkpointer(cast(QueueStore, store), 10).checkpoint([run])
     [[entry]] = store.calls
     assert entry.part is not None and entry.part.seq == 1
 
@@ -117,7 +117,7 @@ async def test_store_errors_are_retried_with_the_same_results(
 async def test_a_lost_shard_is_stopped_and_the_others_commit() -> None:
     store, blobs = FakeStore(), FakeBlobs()
     store.lost = [("batch_1", 1)]
-    cp = Checkpointer(cast(Store, store), 10)
+    cp = Checkpointer(cast(QueueStore, store), 10)
     runs = [make_run(store, blobs, i) for i in range(2)]
     for run in runs:
         result(run, 0)
@@ -132,7 +132,7 @@ async def test_a_lost_shard_is_stopped_and_the_others_commit() -> None:
 async def test_shard_done_in_a_round_needs_no_final_transaction() -> None:
     store, blobs = FakeStore(), FakeBlobs()
     run = make_run(store, blobs, 0, count=2)
-    run.checkpointer = Checkpointer(cast(Store, store), 10)
+    run.checkpointer = Checkpointer(cast(QueueStore, store), 10)
     result(run, 0)
     result(run, 1)
     await run.checkpointer.checkpoint([run])
@@ -147,7 +147,7 @@ async def test_shard_done_in_a_round_needs_no_final_transaction() -> None:
 
 async def test_periodic_rounds_run_while_shards_are_registered() -> None:
     store, blobs = FakeStore(), FakeBlobs()
-    cp = Checkpointer(cast(Store, store), 0.01)
+    cp = Checkpointer(cast(QueueStore, store), 0.01)
     runs = [make_run(store, blobs, i) for i in range(2)]
     for run in runs:
         cp.add(run)
@@ -237,7 +237,7 @@ async def test_checkpoint_outcomes_are_returned_and_acted_on_by_the_runs() -> No
     runs = [make_run(store, blobs, i, count=n) for i, n in ((0, 4), (1, 4), (2, 1))]
     for run in runs:
         result(run, 0)
-    outcomes = await Checkpointer(cast(Store, store), 10).checkpoint(runs)
+    outcomes = await Checkpointer(cast(QueueStore, store), 10).checkpoint(runs)
     assert outcomes == {
         ("batch_1", 0): Outcome.COMMITTED,
         ("batch_1", 1): Outcome.LEASE_LOST,

@@ -145,7 +145,9 @@ def batches() -> Iterator[tuple[asyncio.Runner, BatchService]]:
         settings_ = load_settings(None, data_dir=tmp)
         runner.run(migrate(settings_.resolved_database_url))
         store = open_store(settings_.resolved_database_url)
-        yield runner, BatchService(settings_, store, Activator(settings_, store))
+        yield runner, BatchService(
+            settings_, store.batches, store.files, Activator(settings_, store.files, store.batches)
+        )
         runner.run(store.close())
 
 
@@ -233,7 +235,7 @@ def files() -> Iterator[tuple[asyncio.Runner, FileService, LocalBlobs, Path]]:
         settings_ = load_settings(None, data_dir=tmp)
         blobs = LocalBlobs(Path(tmp) / "files")
         store = open_store(settings_.resolved_database_url)
-        yield runner, FileService(settings_, store, blobs), blobs, Path(tmp) / "files"
+        yield runner, FileService(settings_, store.files, blobs), blobs, Path(tmp) / "files"
         runner.run(store.close())
 
 

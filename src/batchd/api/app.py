@@ -36,9 +36,7 @@ from batchd.service.idempotency import Idempotency
 from batchd.service.message_batches import MessageBatchService
 from batchd.service.results import ResultService
 from batchd.service.retry import RetryService
-from batchd.store.keyed import IdempotencyKeys
-from batchd.store.message_batches import MessageBatchStore
-from batchd.store.sql import Store
+from batchd.store.protocols import Store
 from batchd.telemetry import exposition
 from batchd.telemetry.metrics import Metrics
 from batchd.tokens import InputCounter, TokenCounter
@@ -62,20 +60,22 @@ def create_app(
 ) -> FastAPI:
     """``engine_process``: the state of ``batchd serve``'s embedded engine process, shown
     by ``/readyz``; ``wake_engine``: tells it a batch started (it claims at once)."""
-    activator = Activator(settings, store, InputCounter(TokenCounter(settings), blobs))
+    counter = InputCounter(TokenCounter(settings), blobs)
+    activator = Activator(settings, store.files, store.batches, counter)
     metrics = Metrics()
     readiness = Readiness(store, engine_process)
     services = Services(
-        files=FileService(settings, store, blobs, metrics),
-        batches=BatchService(settings, store, activator),
+        files=FileService(settings, store.files, blobs, metrics),
+        batches=BatchService(settings, store.batches, store.files, activator),
         auth=Authenticator(settings.auth),
         max_upload_bytes=settings.limits.max_file_bytes,
         readiness=readiness,
         wake_engine=wake_engine or (lambda: None),
-        idempotency=Idempotency(IdempotencyKeys(store)),
+        idempotency=Idempotency(store.keys),
         store=store,
         results=ResultService(
-            store,
+            store.batches,
+            store.queue,
             blobs,
             keepalive_seconds=settings.limits.results_keepalive_seconds,
             streams=metrics.results_streams,
@@ -108,7 +108,7 @@ def create_app(
     )
     app.state.services = services
     app.state.message_batches = MessageBatchService(
-        settings, services.files, services.batches, MessageBatchStore(store)
+        settings, services.files, services.batches, store.message_batches, store.queue
     )
     errors.install(app)
     openapi.install(app)
@@ -140,7 +140,7 @@ def create_app(
     @app.api_route("/metrics", methods=GET, include_in_schema=False)
     async def prometheus_metrics() -> Response:
         """Prometheus text format: this host's processes and the store's state."""
-        state = await store.queue_state(time.time())
+        state = await store.queue.queue_state(time.time())
         body = await anyio.to_thread.run_sync(
             exposition.render, metrics.registry, settings, state
         )

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from batchd.store.sql import Store
+from batchd.store.protocols import Store
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Readiness:
         try:
             async with asyncio.timeout(STORE_TIMEOUT):
                 await self._store.ping()
-                body["engines"] = await self._store.live_engines(time.time())
+                body["engines"] = await self._store.slots.live_engines(time.time())
         except Exception as exc:
             body["store"] = f"unreachable: {type(exc).__name__}"
         if self._engine_process is not None:

@@ -3,10 +3,10 @@
 Every ``checkpoint_seconds`` the results each running shard gathered since its last
 checkpoint are stored as a part blob of result records per shard, and the parts, the
 done-bitmaps and the batches' counters of all those shards are committed in one transaction
-(:meth:`batchd.store.sql.Store.checkpoint_many`). Each shard stays fenced by its own lease
-token: a shard whose lease was lost stores nothing, the others commit. Each shard is told
-its :class:`Outcome` (committed, released, lease lost) and acts on it: this module knows
-shards only through :class:`Checkpointed`.
+(:meth:`batchd.store.protocols.QueueStore.checkpoint_many`). Each shard stays fenced by its
+own lease token: a shard whose lease was lost stores nothing, the others commit. Each shard
+is told its :class:`Outcome` (committed, released, lease lost) and acts on it: this module
+knows shards only through :class:`Checkpointed`.
 
 One lock orders every checkpoint of the process, periodic and final, so a shard's bitmaps
 reach the store in the order they were taken. If anything fails before the commit, the
@@ -26,7 +26,7 @@ from typing import Protocol
 
 from batchd.errors import StoreError
 from batchd.models import Part, ShardClaim, Usage
-from batchd.store.sql import ShardCheckpoint, Store
+from batchd.store.protocols import QueueStore, ShardCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Checkpointer:
 
     The periodic round runs on a task of its own while at least one shard is registered."""
 
-    def __init__(self, store: Store, interval: float) -> None:
+    def __init__(self, store: QueueStore, interval: float) -> None:
         self._store = store
         self.interval = interval
         self._runs: dict[tuple[str, int], Checkpointed] = {}

@@ -41,7 +41,7 @@ from batchd.models import (
 )
 from batchd.results.openai import render_part
 from batchd.results.record import Outcome, unanswered
-from batchd.store.sql import Store
+from batchd.store.protocols import QueueStore
 from batchd.telemetry.logs import about
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def unexecuted_records(data: bytes, done: bytes, code: str) -> list[bytes]:
 
 
 class Finalizer:
-    def __init__(self, store: Store, blobs: Blobs, spool: Path, owner: str) -> None:
+    def __init__(self, store: QueueStore, blobs: Blobs, spool: Path, owner: str) -> None:
         self._store = store
         self._blobs = blobs
         self._spool = spool

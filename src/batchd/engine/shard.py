@@ -40,7 +40,7 @@ from batchd.service.input_line import (
     issue_param,
     line_decoder,
 )
-from batchd.store.sql import Store
+from batchd.store.protocols import QueueStore
 from batchd.telemetry.logs import about
 from batchd.telemetry.meters import DeploymentMeter
 from batchd.tokens import RequestTokens
@@ -175,7 +175,7 @@ def _bit(bitmap: bytearray | bytes, i: int) -> bool:
 @dataclass
 class ShardRun:
     claim: ShardClaim
-    store: Store
+    store: QueueStore
     blobs: Blobs
     spool: Path
     routes: dict[str, Route]

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 
 from batchd.engine.limits import DeploymentLimiter
-from batchd.store.slots import SlotDemand
-from batchd.store.sql import Store
+from batchd.store.protocols import SlotStore
+from batchd.store.slots import SlotDemand, even
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,11 @@ SOON_SECONDS = 0.05
 class SlotLeaser:
     def __init__(
         self,
-        store: Store,
+        store: SlotStore,
         owner: str,
         limiters: list[DeploymentLimiter],
         lease_seconds: float,
-        weight: Callable[[str], float] = lambda _: 1.0,
+        weight: Callable[[str], float] = even,
     ) -> None:
         self._store = store
         self._weight = weight

@@ -22,7 +22,7 @@ import orjson
 
 from batchd.config import Webhook
 from batchd.models import BatchEvent, now
-from batchd.store.sql import Store
+from batchd.store.protocols import OutboxStore
 from batchd.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -50,7 +50,9 @@ def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
 
 
 class WebhookSender:
-    def __init__(self, hooks: list[Webhook], store: Store, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, hooks: list[Webhook], store: OutboxStore, metrics: Metrics | None = None
+    ) -> None:
         self._hooks = hooks
         self._store = store
         self._metrics = metrics

@@ -34,7 +34,7 @@ from batchd.models import CANCELLING, BatchRecord, ValidationIssue, new_id, now
 from batchd.service.activation import Activator
 from batchd.service.files import FileService
 from batchd.service.retention import Reaper
-from batchd.store.sql import Store
+from batchd.store.protocols import Store
 from batchd.telemetry.logs import about
 from batchd.telemetry.metrics import Metrics
 from batchd.tokens import InputCounter, TokenCounter
@@ -85,7 +85,7 @@ class Engine:
         self._finalize_failures = FailureTracker("finalising batch")
         self._shard_failures = FailureTracker("running shard")
         self.slots = SlotLeaser(
-            store,
+            store.slots,
             owner,
             [r.limiter for r in self._routes.values()],
             self._cfg.lease_seconds,
@@ -97,18 +97,20 @@ class Engine:
         self._wake = asyncio.Event()
         self._shard_ended = asyncio.Event()
         # One checkpoint transaction per interval for every shard this engine runs.
-        self.checkpointer = Checkpointer(store, self._cfg.checkpoint_seconds)
-        self._finalizer = Finalizer(store, blobs, self._spool, owner)
+        self.checkpointer = Checkpointer(store.queue, self._cfg.checkpoint_seconds)
+        self._finalizer = Finalizer(store.queue, blobs, self._spool, owner)
         self._tokens = TokenCounter(settings)
         self._tpm_tokens = self._tokens.tpm_tokens()
-        activator = Activator(settings, store, InputCounter(self._tokens, blobs))
-        self._activator = activator
-        self._files = FileService(settings, store, blobs)
+        counter = InputCounter(self._tokens, blobs)
+        self._activator = Activator(settings, store.files, store.batches, counter)
+        self._files = FileService(settings, store.files, blobs)
         self._reaper = Reaper(
             store, self._files, owner=owner, lease_seconds=RETENTION_LEASE_SWEEPS * SWEEP_SECONDS
         )
         self._webhooks = (
-            WebhookSender(settings.webhooks, store, self.metrics) if settings.webhooks else None
+            WebhookSender(settings.webhooks, store.outbox, self.metrics)
+            if settings.webhooks
+            else None
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -168,7 +170,7 @@ class Engine:
             idle_only = free <= 0 and len(self._runs) < 2 * self._cfg.max_shards
             if free > 0 or idle_only:
                 try:
-                    claims = await self._store.claim_shards(
+                    claims = await self._store.queue.claim_shards(
                         self.owner,
                         max(free, 1),
                         time.time(),
@@ -181,7 +183,7 @@ class Engine:
             for claim in claims:
                 run = ShardRun(
                     claim=claim,
-                    store=self._store,
+                    store=self._store.queue,
                     blobs=self._blobs,
                     spool=self._spool,
                     routes=self._routes,
@@ -242,7 +244,7 @@ class Engine:
             return
         not_before = time.time() + min(60.0, 2.0 * 2 ** (count - 1))
         try:
-            await self._store.release_shard(run.claim, not_before)
+            await self._store.queue.release_shard(run.claim, not_before)
         except Exception:
             log.exception("shard %s: releasing it failed; its lease lapses instead", key)
 
@@ -272,7 +274,7 @@ class Engine:
             if not held:
                 continue
             try:
-                lost = await self._store.renew_leases(
+                lost = await self._store.queue.renew_leases(
                     self.owner, held, time.time() + self._cfg.lease_seconds
                 )
             except Exception:
@@ -292,7 +294,8 @@ class Engine:
             if not self._runs:
                 continue
             try:
-                signals = await self._store.signals(r.claim.batch_id for r in self._runs.values())
+                running = [r.claim.batch_id for r in self._runs.values()]
+                signals = await self._store.batches.signals(running)
             except Exception:
                 log.exception("reading batch signals failed")
                 continue
@@ -309,7 +312,7 @@ class Engine:
         while True:
             batch = None
             try:
-                batch = await self._store.claim_finalize(
+                batch = await self._store.queue.claim_finalize(
                     self.owner,
                     time.time(),
                     FINALIZE_LEASE,
@@ -343,7 +346,7 @@ class Engine:
         while True:
             await asyncio.sleep(FINALIZE_LEASE / 3)
             try:
-                await self._store.renew_finalize(
+                await self._store.queue.renew_finalize(
                     batch_id, self.owner, time.time() + FINALIZE_LEASE
                 )
             except Exception:
@@ -376,7 +379,7 @@ class Engine:
             None,
         )
         try:
-            if await self._store.fail_started_batch(batch_id, issue, now()):
+            if await self._store.batches.fail_started_batch(batch_id, issue, now()):
                 log.error(
                     "batch %s failed: %s", batch_id, issue.message, extra={"batch_id": batch_id}
                 )
@@ -410,7 +413,7 @@ class Engine:
     async def _start_waiting_batches(self) -> None:
         failures = self._activation_failures
         try:
-            waiting = await self._store.validating_batches()
+            waiting = await self._store.batches.validating_batches()
         except Exception:
             log.exception("reading the batches waiting to start failed")
             return

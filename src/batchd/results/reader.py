@@ -1,8 +1,8 @@
 """Reading a batch's committed results in position order (the order they were committed).
 
 Only committed results are ever read: a part is visible once its checkpoint's transaction
-committed, with positions fixed then (:meth:`batchd.store.sql.Store.result_parts`), so a
-reader sees every result exactly once across crashes and takeovers.
+committed, with positions fixed then (:meth:`batchd.store.protocols.QueueStore.result_parts`),
+so a reader sees every result exactly once across crashes and takeovers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import anyio.to_thread
 
 from batchd.blobs.base import Blobs
 from batchd.results.record import SUCCEEDED, Record, decode_records
-from batchd.store.sql import Store
+from batchd.store.protocols import QueueStore
 
 # Parts over this size are decoded on a worker thread (a part is at most a checkpoint's
 # results of one shard: 1,000 records).
@@ -22,16 +22,18 @@ _THREAD_BYTES = 256 * 1024
 
 
 async def read_results(
-    store: Store,
+    store: QueueStore,
     blobs: Blobs,
     batch_id: str,
     after: int = -1,
     outcome: Literal["succeeded", "failed"] | None = None,
 ) -> AsyncIterator[tuple[int, Record]]:
     """``(pos, record)`` of every committed result of ``batch_id`` with ``pos > after``, in
-    position order. ``outcome``: ``"succeeded"`` only, ``"failed"`` every other outcome
-    (failed, cancelled, expired), None all. Raises :class:`batchd.errors.BlobNotFound`
-    when a part's blob is gone (the batch's results were deleted while reading)."""
+    position order. ``store``: the queue the batch's parts are committed to (``store.queue``
+    of a :class:`batchd.store.protocols.Store`). ``outcome``: ``"succeeded"`` only,
+    ``"failed"`` every other outcome (failed, cancelled, expired), None all. Raises
+    :class:`batchd.errors.BlobNotFound` when a part's blob is gone (the batch's results were
+    deleted while reading)."""
     for part in await store.result_parts(batch_id, after):
         data = await blobs.read_all(part.key)
         if len(data) > _THREAD_BYTES:

@@ -13,7 +13,7 @@ from batchd.config import Deployment, Settings
 from batchd.errors import QuotaExceeded
 from batchd.models import MESSAGES_ENDPOINT, BatchRecord, ValidationIssue, now
 from batchd.service.validation import MAX_ISSUES, mismatched_lines
-from batchd.store.sql import Store
+from batchd.store.protocols import BatchStore, FileStore
 from batchd.telemetry.logs import about
 from batchd.tokens import InputCounter
 
@@ -41,19 +41,24 @@ def _unserved(model: str, deployment: Deployment | None, endpoint: str) -> str |
 
 class Activator:
     def __init__(
-        self, settings: Settings, store: Store, counter: InputCounter | None = None
+        self,
+        settings: Settings,
+        files: FileStore,
+        batches: BatchStore,
+        counter: InputCounter | None = None,
     ) -> None:
         """``counter``: counts a batch's tokens with its model's tokenizer when a token
         quota applies (without one, the upload's ``bytes / 4`` estimate is used)."""
         self._settings = settings
-        self._store = store
+        self._files = files
+        self._batches = batches
         self._counter = counter
 
     async def activate(self, batch: BatchRecord, *, defer_counting: bool = False) -> None:
         """Start the batch, or fail it. With ``defer_counting`` (a create request), a batch
         whose tokens must be counted stays ``validating``: the engine's sweep counts and
         starts it, so a create never waits on counting a large file."""
-        file = await self._store.get_file(batch.input_file_id)
+        file = await self._files.get_file(batch.input_file_id)
         if file is None:
             issue = ValidationIssue(
                 "invalid_request",
@@ -61,7 +66,7 @@ class Activator:
                 None,
                 "input_file_id",
             )
-            await self._store.fail_batch(batch.id, [issue], now())
+            await self._batches.fail_batch(batch.id, [issue], now())
             return
         if file.summary is None:
             return  # not a checked batch input: refused when the batch was created
@@ -91,7 +96,7 @@ class Activator:
         at = now()
         if issues:
             issues.sort(key=lambda i: i.line or 0)
-            await self._store.fail_batch(batch.id, issues[:MAX_ISSUES], at, model=model)
+            await self._batches.fail_batch(batch.id, issues[:MAX_ISSUES], at, model=model)
             first = issues[0]
             where = f"line {first.line} " if first.line else ""
             log.info(
@@ -113,7 +118,7 @@ class Activator:
             tokens = await self._counter.count(file.blob_key)
             at = now()
         try:
-            await self._store.activate_batch(
+            await self._batches.activate_batch(
                 batch.id,
                 model=model,
                 spans=summary.shards,
@@ -135,7 +140,7 @@ class Activator:
                 None,
                 None,
             )
-            await self._store.fail_batch(batch.id, [issue], at, model=model)
+            await self._batches.fail_batch(batch.id, [issue], at, model=model)
             log.info(
                 "batch %s (project %s) failed: enqueued token limit of %s",
                 batch.id,

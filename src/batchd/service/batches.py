@@ -24,7 +24,7 @@ from batchd.models import (
     now,
 )
 from batchd.service.activation import Activator
-from batchd.store.sql import Store
+from batchd.store.protocols import BatchStore, FileStore
 from batchd.telemetry.logs import about
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,12 @@ def check_output_expiry(value: Any) -> int | None:
 
 
 class BatchService:
-    def __init__(self, settings: Settings, store: Store, activator: Activator) -> None:
+    def __init__(
+        self, settings: Settings, batches: BatchStore, files: FileStore, activator: Activator
+    ) -> None:
         self._settings = settings
-        self._store = store
+        self._batches = batches
+        self._files = files
         self._activator = activator
 
     async def create(
@@ -127,7 +130,7 @@ class BatchService:
         out_expiry = check_output_expiry(output_expires_after)
         if out_expiry is None and self._settings.limits.output_retention:
             out_expiry = self._settings.limits.output_retention  # [limits] output_retention
-        file = await self._store.get_file(input_file_id, project)
+        file = await self._files.get_file(input_file_id, project)
         if file is None:
             raise NotFound(
                 f"No such File object: {excerpt(input_file_id, quote=False)}",
@@ -159,7 +162,7 @@ class BatchService:
             api=api,
             endpoint_as_sent=endpoint.split("?", 1)[0].rstrip("/") if api == API_AZURE else None,
         )
-        await self._store.insert_batch(rec)
+        await self._batches.insert_batch(rec)
         log.info(
             "batch %s (project %s) validating: created from %s for %s",
             rec.id,
@@ -173,12 +176,12 @@ class BatchService:
         except BaseException:
             # No half-made batch: one whose activation raised is removed, not left
             # ``validating`` (a crash before this line is what the engine's sweep is for).
-            await asyncio.shield(self._store.delete_unstarted_batch(rec.id))
+            await asyncio.shield(self._batches.delete_unstarted_batch(rec.id))
             raise
         return await self.get(project, rec.id)
 
     async def get(self, project: str, batch_id: str) -> BatchRecord:
-        rec = await self._store.get_batch(batch_id, project)
+        rec = await self._batches.get_batch(batch_id, project)
         if rec is None:
             raise NotFound(
                 f"No such Batch object: {excerpt(batch_id, quote=False)}",
@@ -190,11 +193,11 @@ class BatchService:
     async def list(
         self, project: str, *, limit: int, after: str | None
     ) -> tuple[list[BatchRecord], bool]:
-        rows = await self._store.list_batches(project, limit=limit, after=after)
+        rows = await self._batches.list_batches(project, limit=limit, after=after)
         return rows[:limit], len(rows) > limit
 
     async def cancel(self, project: str, batch_id: str) -> BatchRecord:
-        rec = await self._store.request_cancel(batch_id, project, now())
+        rec = await self._batches.request_cancel(batch_id, project, now())
         if rec is None:
             raise NotFound(
                 f"No such Batch object: {excerpt(batch_id, quote=False)}",

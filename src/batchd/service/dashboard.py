@@ -26,7 +26,7 @@ from batchd.service.batches import BatchService
 from batchd.service.files import FileService, Upload
 from batchd.service.results import ResultService
 from batchd.service.retry import RetryService
-from batchd.store.sql import Store
+from batchd.store.protocols import Store
 from batchd.store.state import SlotUse
 from batchd.telemetry.recent import Recent, RecentWindow, totals_from
 
@@ -153,11 +153,12 @@ class DashboardService:
     async def list_batches(
         self, project: str | None, *, status: str | None, limit: int, after: str | None
     ) -> tuple[list[BatchRecord], bool]:
-        rows = await self._store.list_batches(project, limit=limit, after=after, status=status)
+        batches = self._store.batches
+        rows = await batches.list_batches(project, limit=limit, after=after, status=status)
         return rows[:limit], len(rows) > limit
 
     async def _batch(self, project: str | None, batch_id: str) -> BatchRecord:
-        rec = await self._store.get_batch(batch_id, project)
+        rec = await self._store.batches.get_batch(batch_id, project)
         if rec is None:
             raise NotFound(f"No such Batch object: {batch_id}", code="batch_not_found")
         return rec
@@ -167,7 +168,7 @@ class DashboardService:
         lines: list[ErrorLine] = []
         more = False
         if rec.ended and rec.error_file_id:
-            file = await self._store.get_file(rec.error_file_id, rec.project)
+            file = await self._store.files.get_file(rec.error_file_id, rec.project)
             if file is not None and file.bytes:
                 lines, more = await self._error_lines(file)
         return BatchDetail(rec, lines, more, await self._latest(rec))
@@ -213,7 +214,7 @@ class DashboardService:
     async def list_files(
         self, project: str | None, *, limit: int, after: str | None
     ) -> tuple[list[FileRecord], bool]:
-        rows = await self._store.list_files(
+        rows = await self._store.files.list_files(
             project, purpose=None, limit=limit, after=after, order="desc"
         )
         return rows[:limit], len(rows) > limit
@@ -221,7 +222,7 @@ class DashboardService:
     async def download(
         self, project: str | None, file_id: str
     ) -> tuple[FileRecord, AsyncIterator[bytes]]:
-        rec = await self._store.get_file(file_id, project)
+        rec = await self._store.files.get_file(file_id, project)
         if rec is None:
             raise NotFound(f"No such File object: {file_id}", code="file_not_found")
         return await self._files.content(rec.project, file_id)
@@ -258,7 +259,7 @@ class DashboardService:
 
     # -- deployments -------------------------------------------------------------------
     async def deployments(self) -> list[DeploymentView]:
-        state = await self._store.queue_state(time.time())
+        state = await self._store.queue.queue_state(time.time())
         metrics = await anyio.to_thread.run_sync(self._read_metrics)
         recent = self._window.update(time.time(), totals_from(metrics))
         return [

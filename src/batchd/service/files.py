@@ -33,7 +33,7 @@ from batchd.models import (
     now,
 )
 from batchd.service.validation import MAX_ISSUES, Validator
-from batchd.store.sql import Store
+from batchd.store.protocols import FileStore
 from batchd.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,10 @@ def _too_many_files(max_files: int) -> InvalidRequest:
 
 class FileService:
     def __init__(
-        self, settings: Settings, store: Store, blobs: Blobs, metrics: Metrics | None = None
+        self, settings: Settings, files: FileStore, blobs: Blobs, metrics: Metrics | None = None
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._store = files
         self._blobs = blobs
         self._metrics = metrics
 

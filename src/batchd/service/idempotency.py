@@ -3,7 +3,7 @@ CONTRACT.md's extensions section specifies.
 
 The same key with the same request within 24 h answers the first request's object, made
 once; the same key with another request is a 409 (``idempotency_key_reused``). Keys are per
-project and live in the metadata store (:class:`batchd.store.keyed.IdempotencyKeys`), so
+project and live in the metadata store (:class:`batchd.store.protocols.IdempotencyKeyStore`), so
 the guarantee holds across replicas. A second request that arrives while the first one runs
 waits for it (up to ``wait_seconds``), then gets a 409 ``idempotency_key_in_use``.
 
@@ -24,7 +24,7 @@ import orjson
 
 from batchd.errors import Conflict, InProgress, InvalidRequest
 from batchd.models import now
-from batchd.store.keyed import IdempotencyKeys
+from batchd.store.protocols import IdempotencyKeyStore
 
 T = TypeVar("T")
 
@@ -54,7 +54,7 @@ def fingerprint(*parts: Any) -> str:
 
 class Idempotency:
     def __init__(
-        self, keys: IdempotencyKeys, *, wait_seconds: float = 30.0, poll_seconds: float = 0.05
+        self, keys: IdempotencyKeyStore, *, wait_seconds: float = 30.0, poll_seconds: float = 0.05
     ) -> None:
         self._keys = keys
         self._wait = wait_seconds

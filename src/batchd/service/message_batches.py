@@ -42,7 +42,8 @@ from batchd.results.record import CANCELLED, EXPIRED, Record, line_id
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
 from batchd.service.messages_format import chat_body, messages_body
-from batchd.store.message_batches import MessageBatchRow, MessageBatchStore
+from batchd.store.message_batches import MessageBatchRow
+from batchd.store.protocols import MessageBatchRecords, QueueStore
 
 PREFIX = "msgbatch_"
 _CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}", re.ASCII)
@@ -139,13 +140,17 @@ class MessageBatchService:
         settings: Settings,
         files: FileService,
         batches: BatchService,
-        store: MessageBatchStore,
+        store: MessageBatchRecords,
+        results: QueueStore,
     ) -> None:
+        """``store``: the message batch rows; ``results``: the queue their batches' committed
+        results are read from."""
         self._settings = settings.anthropic
         self._deployments = settings
         self._files = files
         self._batches = batches
         self._store = store
+        self._results = results
 
     def _speaks_messages(self, model: str) -> bool:
         """The model's deployment speaks ``/v1/messages`` (``api_style = "anthropic"``)."""
@@ -325,7 +330,7 @@ class MessageBatchService:
     def _records(
         self, rec: BatchRecord, outcome: Literal["failed"] | None = None
     ) -> AsyncIterator[tuple[int, Record]]:
-        return read_results(self._store.store, self._files.blobs, rec.id, outcome=outcome)
+        return read_results(self._results, self._files.blobs, rec.id, outcome=outcome)
 
     async def _refused(self, project: str, rec: BatchRecord) -> AsyncIterator[dict[str, Any]]:
         """For a batch refused as a whole (``failed``: a token quota, say), an ``errored``

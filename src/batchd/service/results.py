@@ -12,7 +12,7 @@ Cursor: a line's ``id`` (``batch_req_<batch id without "batch_">_<position>``) i
 the last line it got and sees every result once.
 
 Following holds no database connection between polls: each poll is one read of the batch
-row (:meth:`Store.get_batch`); the results are read only when its counters
+row (:meth:`BatchStore.get_batch`); the results are read only when its counters
 (``completed + failed``, the number of committed results) moved or the batch ended. Polls
 come every :data:`POLL_MIN_SECONDS` while results keep coming (within
 :data:`POLL_FAST_SECONDS` of the last), backing off to :data:`POLL_MAX_SECONDS` while none
@@ -38,7 +38,7 @@ from batchd.models import BatchRecord
 from batchd.results.openai import openai_line
 from batchd.results.reader import read_results
 from batchd.results.record import Record, position_of
-from batchd.store.sql import Store
+from batchd.store.protocols import BatchStore, QueueStore
 
 Outcome = Literal["succeeded", "failed"]
 
@@ -76,19 +76,22 @@ def cursor_of(batch_id: str, after: str | None) -> int:
 
 
 class ResultService:
-    """The committed results of a batch, as OpenAI lines. ``keepalive_seconds``: see the
-    module docstring; ``streams``: told +1/-1 as a followed stream opens and closes (the
-    ``batchd_results_streams`` gauge)."""
+    """The committed results of a batch, as OpenAI lines. ``batches``: the batch rows a
+    followed stream polls; ``queue``: where the results are committed; ``keepalive_seconds``:
+    see the module docstring; ``streams``: told +1/-1 as a followed stream opens and closes
+    (the ``batchd_results_streams`` gauge)."""
 
     def __init__(
         self,
-        store: Store,
+        batches: BatchStore,
+        queue: QueueStore,
         blobs: Blobs,
         *,
         keepalive_seconds: float,
         streams: StreamGauge | None = None,
     ) -> None:
-        self._store = store
+        self._batches = batches
+        self._queue = queue
         self._blobs = blobs
         self._keepalive = keepalive_seconds
         self._streams = streams
@@ -97,7 +100,7 @@ class ResultService:
         """The last ``count`` committed results of ``batch``, newest first."""
         top = batch.completed + batch.failed
         start = max(-1, top - count - 1)
-        found = [r async for r in read_results(self._store, self._blobs, batch.id, after=start)]
+        found = [r async for r in read_results(self._queue, self._blobs, batch.id, after=start)]
         return found[::-1][:count]
 
     async def lines(
@@ -134,7 +137,7 @@ class ResultService:
         position of each line as it is given."""
         buf = bytearray()
         async for pos, record in read_results(
-            self._store, self._blobs, batch_id, after=after, outcome=outcome
+            self._queue, self._blobs, batch_id, after=after, outcome=outcome
         ):
             buf += openai_line(batch_id, pos, record)
             last[0] = pos
@@ -172,4 +175,4 @@ class ResultService:
             await asyncio.sleep(min(delay, self._keepalive))
             if now - moved_at >= POLL_FAST_SECONDS:
                 delay = min(delay * POLL_BACKOFF, POLL_MAX_SECONDS)
-            rec = await self._store.get_batch(batch.id)
+            rec = await self._batches.get_batch(batch.id)

@@ -2,7 +2,7 @@
 (a batch's result files), as OpenAI documents them, and collects deleted files.
 
 One process at a time reaps, across every replica on the store: it holds the ``retention``
-lease (:class:`batchd.store.keyed.Leases`), renewed at each pass, taken over by another
+lease (:class:`batchd.store.protocols.LeaseStore`), renewed at each pass, taken over by another
 process once it lapses (its holder died). Each step is idempotent, so a holder that crashes
 mid-way leaves nothing the next pass cannot finish:
 
@@ -28,8 +28,7 @@ import time
 
 from batchd.models import now
 from batchd.service.files import FileService
-from batchd.store.keyed import IdempotencyKeys, Leases
-from batchd.store.sql import Store
+from batchd.store.protocols import Store
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,8 @@ class Reaper:
         passes, or the holder would lose it between them); ``batch``: files per step."""
         self._store = store
         self._files = files
-        self._leases = Leases(store)
-        self._keys = IdempotencyKeys(store)
+        self._leases = store.leases
+        self._keys = store.keys
         self._owner = owner
         self._lease_seconds = lease_seconds
         self._batch = batch
@@ -76,22 +75,23 @@ class Reaper:
         return True
 
     async def _expire(self, at: int) -> None:
-        expired = await self._store.expire_files(at, self._batch)
+        expired = await self._store.files.expire_files(at, self._batch)
         if expired:
             log.info("retention: %d files expired", expired)
 
     async def _collect(self) -> None:
-        for rec in await self._store.deleted_files_unreferenced(self._batch):
+        for rec in await self._store.files.deleted_files_unreferenced(self._batch):
             try:
                 await self._files.collect_if_unused(rec)
             except Exception:
                 log.exception("file %s: removing its bytes failed; tried again later", rec.id)
 
     async def _drop_results(self) -> None:
-        for batch_id in await self._store.batches_with_results_gone(self._batch):
-            parts = await self._store.result_parts(batch_id)
+        queue = self._store.queue
+        for batch_id in await queue.batches_with_results_gone(self._batch):
+            parts = await queue.result_parts(batch_id)
             await self._files.blobs.delete_many(p.key for p in parts)
-            await self._store.delete_result_parts(batch_id)
+            await queue.delete_result_parts(batch_id)
             log.info("batch %s: its results are deleted with its result files", batch_id)
 
     async def release(self) -> None:

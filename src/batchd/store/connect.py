@@ -23,7 +23,9 @@ from sqlalchemy.pool import NullPool
 
 from batchd.errors import ConfigError, StoreError
 from batchd.filemodes import PRIVATE, make_dirs, touch
-from batchd.store.sql import Store
+from batchd.store.db import Database
+from batchd.store.protocols import Store
+from batchd.store.sql import sql_store
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -103,12 +105,15 @@ def _sqlite_engine(url: str, *, writer: bool) -> AsyncEngine:
 
 
 def open_store(database_url: str) -> Store:
+    """The SQL store on ``database_url`` (SQLite or PostgreSQL); close it when done."""
     url = async_url(database_url)
     if url.startswith("sqlite"):
         _prepare_sqlite_file(url)
-        return Store(_sqlite_engine(url, writer=True), _sqlite_engine(url, writer=False))
-    engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
-    return Store(engine, engine)
+        db = Database(_sqlite_engine(url, writer=True), _sqlite_engine(url, writer=False))
+    else:
+        engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        db = Database(engine, engine)
+    return sql_store(db)
 
 
 def _alembic_config(url: str) -> AlembicConfig:

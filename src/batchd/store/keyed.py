@@ -1,9 +1,9 @@
 """Two small cluster-wide records on the metadata store: idempotency keys and named leases.
 
-Both are one transaction per call, like :class:`batchd.store.sql.Store`'s methods, and hold
-across replicas: an idempotency key is checked and taken under a per-key lock (PostgreSQL
-advisory lock; SQLite's write transactions run one at a time), and a lease row is taken
-with one conditional update or insert.
+Both are one transaction per call, like every method of the store
+(:mod:`batchd.store.protocols`), and hold across replicas: an idempotency key is checked and
+taken under a per-key lock (PostgreSQL advisory lock; SQLite's write transactions run one at
+a time), and a lease row is taken with one conditional update or insert.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from batchd.errors import StoreError
+from batchd.store.db import Database
 from batchd.store.schema import idempotency_keys, leases
-from batchd.store.sql import Store
 
 LOCK_IDEMPOTENCY = 0x62640003  # key: project, kind and idempotency key
 
@@ -34,6 +34,28 @@ class KeyState:
     result_id: str | None = None
 
 
+def held_key(
+    held_fp: str,
+    result_id: str | None,
+    created_at: int,
+    fingerprint: str,
+    now: int,
+    *,
+    ttl: int,
+    stale: int,
+) -> KeyState | None:
+    """What a claim at ``now`` finds of a key recorded at ``created_at`` for ``held_fp``
+    (having made ``result_id``, if not None); None: it lapsed (``ttl``) or its request went
+    stale (``stale``), and the claim takes it over."""
+    if created_at <= now - ttl or (result_id is None and created_at <= now - stale):
+        return None
+    if held_fp != fingerprint:
+        return KeyState("conflict")
+    if result_id is None:
+        return KeyState("in_flight")
+    return KeyState("replay", result_id)
+
+
 class IdempotencyKeys:
     """``Idempotency-Key`` records per project and kind ("batch", "file").
 
@@ -41,8 +63,8 @@ class IdempotencyKeys:
     section says); an entry whose request never finished (its process died) is taken over
     after ``stale`` seconds."""
 
-    def __init__(self, store: Store, *, ttl: int = 86400, stale: int = 3600) -> None:
-        self._store = store
+    def __init__(self, db: Database, *, ttl: int = 86400, stale: int = 3600) -> None:
+        self._db = db
         self._ttl = ttl
         self._stale = stale
 
@@ -54,18 +76,16 @@ class IdempotencyKeys:
             idempotency_keys.c.kind == kind,
             idempotency_keys.c.key == key,
         )
-        async with self._store._write() as conn:
-            await self._store._lock(conn, LOCK_IDEMPOTENCY, f"{project}\n{kind}\n{key}")
+        async with self._db.write() as conn:
+            await self._db.lock(conn, LOCK_IDEMPOTENCY, f"{project}\n{kind}\n{key}")
             row = (await conn.execute(select(idempotency_keys).where(where))).mappings().first()
             if row is not None:
-                lapsed = row["created_at"] <= now - self._ttl
-                stale = row["result_id"] is None and row["created_at"] <= now - self._stale
-                if not (lapsed or stale):
-                    if row["fingerprint"] != fingerprint:
-                        return KeyState("conflict")
-                    if row["result_id"] is None:
-                        return KeyState("in_flight")
-                    return KeyState("replay", row["result_id"])
+                held = held_key(
+                    row["fingerprint"], row["result_id"], row["created_at"], fingerprint, now,
+                    ttl=self._ttl, stale=self._stale,
+                )
+                if held is not None:
+                    return held
                 await conn.execute(delete(idempotency_keys).where(where))
             await conn.execute(
                 insert(idempotency_keys).values(
@@ -81,7 +101,7 @@ class IdempotencyKeys:
 
     async def finish(self, project: str, kind: str, key: str, result_id: str) -> None:
         """Record the object the request holding the key made."""
-        async with self._store._write() as conn:
+        async with self._db.write() as conn:
             await conn.execute(
                 update(idempotency_keys)
                 .where(
@@ -94,7 +114,7 @@ class IdempotencyKeys:
 
     async def release(self, project: str, kind: str, key: str) -> None:
         """Forget a key whose request failed, so that a retry runs it again."""
-        async with self._store._write() as conn:
+        async with self._db.write() as conn:
             await conn.execute(
                 delete(idempotency_keys).where(
                     idempotency_keys.c.project == project,
@@ -106,7 +126,7 @@ class IdempotencyKeys:
 
     async def forget_lapsed(self, now: int) -> int:
         """Delete the keys past their time; how many."""
-        async with self._store._write() as conn:
+        async with self._db.write() as conn:
             res = await conn.execute(
                 delete(idempotency_keys).where(idempotency_keys.c.created_at <= now - self._ttl)
             )
@@ -116,13 +136,13 @@ class IdempotencyKeys:
 class Leases:
     """Named leases: one holder at a time across every process on the store."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     async def acquire(self, name: str, owner: str, now: float, seconds: float) -> bool:
         """Take or renew ``name`` for ``owner`` until ``now + seconds``: True when ``owner``
         holds it (it was free, lapsed, or ``owner``'s already)."""
-        async with self._store._write() as conn:
+        async with self._db.write() as conn:
             res = await conn.execute(
                 update(leases)
                 .where(leases.c.name == name, or_(leases.c.owner == owner, leases.c.until < now))
@@ -134,7 +154,7 @@ class Leases:
             if held is not None:
                 return False
         try:
-            async with self._store._write() as conn:
+            async with self._db.write() as conn:
                 await conn.execute(
                     insert(leases).values(name=name, owner=owner, until=now + seconds)
                 )
@@ -145,5 +165,5 @@ class Leases:
         return True
 
     async def release(self, name: str, owner: str) -> None:
-        async with self._store._write() as conn:
+        async with self._db.write() as conn:
             await conn.execute(delete(leases).where(leases.c.name == name, leases.c.owner == owner))

@@ -15,8 +15,9 @@ import orjson
 from sqlalchemy import Row, Select, insert, select, update
 
 from batchd.models import BatchRecord
+from batchd.store.db import Database
+from batchd.store.rows import batch_record
 from batchd.store.schema import batches, message_batches
-from batchd.store.sql import Store, _batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +59,8 @@ _COLUMNS = (
 class MessageBatchStore:
     """Reads and writes of ``message_batches``, with the batch each row names (one query)."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
-
-    @property
-    def store(self) -> Store:
-        """The store the rows are in (their batches' results are read from it)."""
-        return self._store
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     def _joined(self, project: str) -> Select[Any]:
         return (
@@ -74,7 +70,7 @@ class MessageBatchStore:
         )
 
     async def insert(self, row: MessageBatchRow) -> None:
-        async with self._store._write() as conn:
+        async with self._db.write() as conn:
             await conn.execute(
                 insert(message_batches).values(
                     id=row.id, project=row.project, batch_id=row.batch_id, created_at=row.created_at
@@ -84,9 +80,9 @@ class MessageBatchStore:
     async def get(self, project: str, mb_id: str) -> tuple[MessageBatchRow, BatchRecord] | None:
         """The message batch and its batch; None when missing, deleted, or another project's."""
         q = self._joined(project).where(_MB.id == mb_id)
-        async with self._store._read() as conn:
+        async with self._db.read() as conn:
             r = (await conn.execute(q)).first()
-        return None if r is None else (_row(r), _batch(r._mapping))
+        return None if r is None else (_row(r), batch_record(r._mapping))
 
     async def list(
         self, project: str, *, limit: int, after: str | None, before: str | None
@@ -100,13 +96,13 @@ class MessageBatchStore:
             if after:
                 q = q.where(_MB.id < after)
             q = q.order_by(_MB.id.desc())
-        async with self._store._read() as conn:
+        async with self._db.read() as conn:
             rows = (await conn.execute(q.limit(limit + 1))).all()
-        out = [(_row(r), _batch(r._mapping)) for r in rows[:limit]]
+        out = [(_row(r), batch_record(r._mapping)) for r in rows[:limit]]
         return (out[::-1] if before else out), len(rows) > limit
 
     async def keep_counts(self, mb_id: str, counts: dict[str, int]) -> None:
-        async with self._store._write() as conn:
+        async with self._db.write() as conn:
             await conn.execute(
                 update(message_batches)
                 .where(_MB.id == mb_id)
@@ -115,7 +111,7 @@ class MessageBatchStore:
 
     async def mark_deleted(self, project: str, mb_id: str, at: int) -> bool:
         """Hide the message batch; False when it was not there (or deleted already)."""
-        async with self._store._write() as conn:
+        async with self._db.write() as conn:
             res = await conn.execute(
                 update(message_batches)
                 .where(_MB.id == mb_id, _MB.project == project, _MB.deleted_at.is_(None))

@@ -16,19 +16,25 @@ write lock. Cost: one transaction per process per heartbeat, none per request.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
-from sqlalchemy import delete, insert, select, text
+from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from batchd.store.db import Database
 from batchd.store.schema import deployment_slots
 
 _projects = msgspec.json.Decoder(dict[str, int])
 
 # Any fixed 64-bit number: the advisory lock that serialises slot renewals.
 _SLOTS_LOCK = 0x62617463686401
+
+
+def even(_project: str) -> float:
+    """Every project's weight when none is configured."""
+    return 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +70,7 @@ class SlotGrant:
 
 
 def fair_shares(
-    limit: int, wants: dict[str, int], weight: Callable[[str], float] = lambda _: 1.0
+    limit: int, wants: dict[str, int], weight: Callable[[str], float] = even
 ) -> dict[str, int]:
     """Weighted max-min fair division of ``limit`` slots: a key gets at most its want, and
     the rest is shared in proportion to the weights (water-filling); the slots left by rounding
@@ -94,7 +100,7 @@ def grant(
     me: str,
     demand: SlotDemand,
     others: dict[str, tuple[int, int, dict[str, int]]],
-    weight: Callable[[str], float] = lambda _: 1.0,
+    weight: Callable[[str], float] = even,
 ) -> SlotGrant:
     """``others``: owner -> (want, slots, want by project) of the other live leases of the
     deployment. The fair share is computed between projects, then within each project
@@ -117,13 +123,31 @@ def grant(
     return SlotGrant(min(free, max(target, demand.in_flight)), target)
 
 
+def grants_for(
+    owner: str,
+    demands: dict[str, SlotDemand],
+    held: Iterable[tuple[str, str, int, int, dict[str, int]]],
+    weight: Callable[[str], float] = even,
+) -> dict[str, SlotGrant]:
+    """``owner``'s grant for each deployment it asks for, given the other live leases
+    ``held``: ``(deployment, owner, want, slots, want by project)``."""
+    others: dict[str, dict[str, tuple[int, int, dict[str, int]]]] = {d: {} for d in demands}
+    for deployment, other, want, slots, projects in held:
+        if deployment not in others or other == owner:
+            continue
+        if not projects and want > 0:
+            projects = {"": want}
+        others[deployment][other] = (want, slots, projects)
+    return {d: grant(owner, demands[d], others[d], weight) for d in demands}
+
+
 async def lease(
     conn: AsyncConnection,
     owner: str,
     demands: dict[str, SlotDemand],
     now: float,
     until: float,
-    weight: Callable[[str], float] = lambda _: 1.0,
+    weight: Callable[[str], float] = even,
 ) -> dict[str, SlotGrant]:
     if conn.dialect.name == "postgresql":
         await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SLOTS_LOCK})
@@ -135,13 +159,11 @@ async def lease(
             t.c.deployment.in_(list(demands))
         )
     )
-    others: dict[str, dict[str, tuple[int, int, dict[str, int]]]] = {d: {} for d in demands}
-    for r in rows:
-        projects = _projects.decode(r.projects) if r.projects else {}
-        if not projects and r.want > 0:
-            projects = {"": r.want}
-        others[r.deployment][r.owner] = (r.want, r.slots, projects)
-    grants = {d: grant(owner, demands[d], others[d], weight) for d in demands}
+    held = [
+        (r.deployment, r.owner, r.want, r.slots, _projects.decode(r.projects) if r.projects else {})
+        for r in rows
+    ]
+    grants = grants_for(owner, demands, held, weight)
     if grants:
         await conn.execute(
             insert(t),
@@ -162,3 +184,35 @@ async def lease(
 
 async def release(conn: AsyncConnection, owner: str) -> None:
     await conn.execute(delete(deployment_slots).where(deployment_slots.c.owner == owner))
+
+
+class SqlSlotStore:
+    """The slot leases in the SQL store (:class:`batchd.store.protocols.SlotStore`)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def lease_slots(
+        self,
+        owner: str,
+        demands: dict[str, SlotDemand],
+        now: float,
+        until: float,
+        weight: Callable[[str], float] = even,
+    ) -> dict[str, SlotGrant]:
+        """Renew this process's shares of the deployments' slots; one transaction.
+        ``weight(project)``: the projects' relative shares."""
+        async with self._db.write() as conn:
+            return await lease(conn, owner, demands, now, until, weight)
+
+    async def live_engines(self, now: float) -> int:
+        """Engine processes alive now: each renews its slot leases every second or so
+        (``deployment_slots``), so a process with an unexpired lease is running."""
+        t = deployment_slots
+        q = select(func.count(func.distinct(t.c.owner))).where(t.c.until >= now)
+        async with self._db.read() as conn:
+            return int((await conn.execute(q)).scalar_one())
+
+    async def release_slots(self, owner: str) -> None:
+        async with self._db.write() as conn:
+            await release(conn, owner)

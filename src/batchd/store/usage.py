@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import case, func, select
 
+from batchd.store.db import Database
+from batchd.store.rows import UNFINISHED
 from batchd.store.schema import batches
-from batchd.store.sql import UNFINISHED, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +37,25 @@ class TokenUsage:
         }
 
 
-async def token_usage(store: Store, project: str | None = None) -> list[TokenUsage]:
-    """One row per (project, model) that has batches, ordered; one project's, or all."""
-    live = batches.c.status.in_(UNFINISHED)
-    q = select(
-        batches.c.project,
-        func.coalesce(batches.c.model, "").label("model"),
-        func.coalesce(func.sum(case((live, batches.c.token_estimate), else_=0)), 0),
-        func.coalesce(func.sum(batches.c.input_tokens), 0),
-        func.coalesce(func.sum(batches.c.output_tokens), 0),
-        func.coalesce(func.sum(case((live, 1), else_=0)), 0),
-    ).group_by(batches.c.project, func.coalesce(batches.c.model, ""))
-    if project is not None:
-        q = q.where(batches.c.project == project)
-    async with store._read() as conn:
-        rows = (await conn.execute(q.order_by(batches.c.project, "model"))).all()
-    return [TokenUsage(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
+class SqlUsageStore:
+    """Token usage from the SQL store (:class:`batchd.store.protocols.UsageStore`)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def token_usage(self, project: str | None = None) -> list[TokenUsage]:
+        """One row per (project, model) that has batches, ordered; one project's, or all."""
+        live = batches.c.status.in_(UNFINISHED)
+        q = select(
+            batches.c.project,
+            func.coalesce(batches.c.model, "").label("model"),
+            func.coalesce(func.sum(case((live, batches.c.token_estimate), else_=0)), 0),
+            func.coalesce(func.sum(batches.c.input_tokens), 0),
+            func.coalesce(func.sum(batches.c.output_tokens), 0),
+            func.coalesce(func.sum(case((live, 1), else_=0)), 0),
+        ).group_by(batches.c.project, func.coalesce(batches.c.model, ""))
+        if project is not None:
+            q = q.where(batches.c.project == project)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(q.order_by(batches.c.project, "model"))).all()
+        return [TokenUsage(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
