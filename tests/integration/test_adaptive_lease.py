@@ -26,7 +26,7 @@ async def test_a_rising_adaptive_limit_renews_the_share_at_once(
         model="m", base_url="http://x", max_concurrency="auto", max_concurrency_cap=256
     )
     lim = DeploymentLimiter(deployment, capacity=0)
-    leaser = SlotLeaser(store, "engine-a", [lim], lease_seconds=600)
+    leaser = SlotLeaser(store.slots, "engine-a", [lim], lease_seconds=600)
     waiters = [asyncio.create_task(lim.acquire(0)) for _ in range(100)]
     runner: asyncio.Task[None] | None = None
     try:
