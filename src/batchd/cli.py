@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from types import FrameType
 from typing import Any
 
 from batchd import client
@@ -100,8 +101,18 @@ async def _serve(settings: Settings, host: str, port: int, config: str | None) -
         log_config=None,  # uvicorn's lines go through our handler (format, scrubbing)
         timeout_graceful_shutdown=10,
     )
+    loop = asyncio.get_running_loop()
+    results = app.state.services.results
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Followed results streams would hold the graceful shutdown up to its timeout:
+            # end them first (their readers resume after the last line they got).
+            loop.call_soon_threadsafe(results.close)
+            super().handle_exit(sig, frame)
+
     try:
-        await uvicorn.Server(server_config).serve()
+        await Server(server_config).serve()
     finally:
         await blobs.close()
         await store.close()

@@ -496,7 +496,8 @@ def _follow(client: Client, args: argparse.Namespace) -> int:
 
 
 def _ended(batch: Any) -> int:
-    """The exit status of a followed batch that ended (as ``submit --wait``'s)."""
+    """The exit status of a batch that ended (as ``submit --wait``'s): 0 completed, 1
+    expired or cancelled, 2 failed (its errors are printed)."""
     status = batch["status"]
     if status == "completed":
         return EXIT_OK
@@ -520,10 +521,9 @@ def _result_files(client: Client, args: argparse.Namespace) -> int:
     written = _save(client, batch, out_dir(args.out if args.out is not None else "."), batch["id"])
     for path in written.values():
         print(path)
-    if not written:
+    if not written and batch["status"] != "failed":
         print(f"batchd: batch {args.id} ended {batch['status']} with no files", file=sys.stderr)
-        _print_errors(batch)
-    return EXIT_OK
+    return _ended(batch)  # the files are saved; the status says how the batch ended (README)
 
 
 def retry(client: Client, args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -151,6 +152,15 @@ def test_keys_and_projects(server: Server, claude: anthropic.Anthropic) -> None:
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.status == 200 and json.loads(resp.read())["id"] == created.id
+    # No key: the error names Anthropic's header first.
+    req = urllib.request.Request(f"{server.url}/v1/messages/batches/{created.id}")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(req, timeout=10)
+    assert missing.value.code == 401
+    assert json.loads(missing.value.read())["error"] == {
+        "type": "authentication_error",
+        "message": "Missing API key: send it as 'x-api-key: KEY' or 'Authorization: Bearer KEY'.",
+    }
     other.close()
     bad.close()
 

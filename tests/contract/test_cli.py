@@ -95,6 +95,19 @@ def test_client_commands(server: Server, upstream: Upstream, tmp_path: Path) -> 
     # Cancelling a batch that has ended is refused (409): one line, exit 2.
     ended = batchd(server, "cancel", batch_id, cwd=tmp_path)
     mistake(ended, "(HTTP 409)")
+    # A cancelled batch's files are saved, and the exit status says it did not complete (1).
+    upstream.control(latency=5.0)
+    slow = batchd(server, "submit", str(path), cwd=tmp_path)
+    slow_id = slow.stdout.strip()
+    assert batchd(server, "cancel", slow_id, cwd=tmp_path).returncode == 0
+    for _ in range(200):
+        got = batchd(server, "results", slow_id, "--out", str(tmp_path / "c"), cwd=tmp_path)
+        if "is still" not in got.stderr:
+            break
+    assert got.returncode == 1, (got.stdout, got.stderr)
+    assert "ended cancelled" in got.stderr
+    assert (tmp_path / "c" / f"{slow_id}.errors.jsonl").exists()
+    upstream.control(latency=0.0)
     assert batchd(server, "show", retry_id, cwd=tmp_path).returncode == 0
 
 
@@ -126,6 +139,11 @@ def test_submit_wait_on_a_batch_that_fails(server: Server, tmp_path: Path) -> No
         ["line 4", " duplicate_custom_id"],
     ]
     assert not list(tmp_path.glob("bad.*.jsonl"))  # a failed batch has no files
+    # `results` of the failed batch says so as `submit --wait` does: exit 2, its errors listed.
+    failed_id = done.stdout.splitlines()[0]
+    got = batchd(server, "results", failed_id, "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert got.returncode == 2, (got.stdout, got.stderr)
+    assert "line 2: invalid_json_line" in got.stderr and "Traceback" not in got.stderr
     # Without --wait too, a file that is not JSONL past its first line is not exit 0.
     quiet = batchd(server, "submit", str(path), cwd=tmp_path)
     assert quiet.returncode == 2 and "line 2: invalid_json_line" in quiet.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -264,6 +265,9 @@ def test_bad_parameters_and_other_projects(
             other_line: ("after", "invalid_value"),  # a line of another batch
             ok_line + "0" * 200: ("after", "invalid_value"),  # too long
             ok_line.rsplit("_", 1)[0] + "_-1": ("after", "invalid_value"),
+            # past any position a store integer holds (it must not reach the store)
+            ok_line.rsplit("_", 1)[0] + "_9223372036854775807": ("after", "invalid_value"),
+            ok_line.rsplit("_", 1)[0] + "_" + "9" * 60: ("after", "invalid_value"),
         }
         for after, (param, code) in bad.items():
             _error(_get(server, first, tree=tree, after=after), 400, param, code)
@@ -273,6 +277,12 @@ def test_bad_parameters_and_other_projects(
         _error(_get(server, first, tree=tree, key=OTHER_KEY), 404, "batch_id", "batch_not_found")
         _error(_get(server, "batch_nope", tree=tree), 404, "batch_id", "batch_not_found")
         assert _get(server, first, tree=tree, key="sk-wrong").status_code == 401
+        # A missing key names the headers this tree takes (x-api-key is Anthropic's).
+        missing = httpx2.get(_url(server, first, tree), params=_params(tree))
+        assert missing.status_code == 401
+        assert missing.json()["error"]["message"] == (
+            "Missing API key: send it as 'Authorization: Bearer KEY' or 'api-key: KEY'."
+        )
         # Azure's key header is accepted too.
         resp = httpx2.get(
             _url(server, first, tree), params=_params(tree), headers={"api-key": API_KEY}
@@ -342,6 +352,34 @@ def test_keepalive_spaces_and_disconnects(
         wait_metrics(metrics, {m("batchd_results_streams"): 1.0})
     wait_metrics(metrics, {m("batchd_results_streams"): 0.0})
     c.batches.cancel(batch_id)
+
+
+def test_shutdown_ends_followed_streams(
+    slow_server: Server, upstream: Upstream, sdk: Callable[..., OpenAI]
+) -> None:
+    """SIGTERM while a stream is followed: the stream ends cleanly (its reader resumes with
+    ``after``) and the server exits without waiting out uvicorn's graceful-shutdown timeout
+    or logging a cancelled task."""
+    c = sdk(slow_server)
+    upstream.control(latency=30.0)
+    batch_id = _submit(c, 4)
+    with httpx2.stream(
+        "GET",
+        _url(slow_server, batch_id),
+        params={"follow": "true"},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=30,
+    ) as resp:
+        chunks = resp.iter_bytes()
+        assert not next(chunks).strip()  # a keep-alive space: the stream is open
+        slow_server.proc.proc.terminate()
+        rest = b"".join(chunks)  # ends (cleanly: no RemoteProtocolError) when the server stops
+    assert not rest.strip()  # nothing was committed: no result line
+    # uvicorn ends by raising the signal it caught again, once shut down
+    assert slow_server.proc.proc.wait(30) in (0, -signal.SIGTERM)
+    log = slow_server.proc.output()
+    assert "graceful shutdown exceeded" not in log and "CancelledError" not in log, log[-2000:]
+    upstream.control(latency=0.0)
 
 
 def test_follow_across_a_killed_worker(

@@ -19,11 +19,14 @@ class Authenticator:
     def enabled(self) -> bool:
         return self._keys is not None
 
-    def project(self, authorization: str | None, api_key: str | None) -> str:
+    def project(
+        self, authorization: str | None, api_key: str | None, *, anthropic: bool = False
+    ) -> str:
         """The project of the request's key. Both headers may be sent (clients and proxies
         add one or the other): a request is accepted when a key it carries is known, and
         when both are known they must name the same project. A scheme other than
-        ``Bearer`` in ``Authorization`` is not a key."""
+        ``Bearer`` in ``Authorization`` is not a key. ``anthropic``: the request came to the
+        Message Batches routes, where the key header is ``x-api-key`` (named in the error)."""
         if self._keys is None:
             return LOCAL_PROJECT
         candidates = []
@@ -34,10 +37,13 @@ class Authenticator:
         if api_key and api_key.strip():
             candidates.append(api_key.strip())
         if not candidates:
+            how = (
+                "'x-api-key: KEY' or 'Authorization: Bearer KEY'"
+                if anthropic
+                else "'Authorization: Bearer KEY' or 'api-key: KEY'"
+            )
             raise AuthenticationFailed(
-                "Missing API key: send it as 'Authorization: Bearer KEY', 'api-key: KEY' "
-                "or 'x-api-key: KEY'.",
-                code="missing_api_key",
+                f"Missing API key: send it as {how}.", code="missing_api_key"
             )
         projects = {p for p in map(self._lookup, candidates) if p is not None}
         if len(projects) == 1:

@@ -86,7 +86,7 @@ def project(
     x_api_key: str | None = Header(default=None, alias="x-api-key", include_in_schema=False),
     api_key: str | None = Header(default=None, alias="api-key", include_in_schema=False),
 ) -> str:
-    return services(request).auth.project(authorization, x_api_key or api_key)
+    return services(request).auth.project(authorization, x_api_key or api_key, anthropic=True)
 
 
 def base_url(request: Request) -> str:

@@ -151,6 +151,10 @@ def line_id(batch_id: str, pos: int) -> str:
     return f"batch_req_{batch_id.removeprefix('batch_')}_{pos}"
 
 
+# No batch has more results than this (a 64-bit store integer keeps ``pos + 1`` in range).
+MAX_POSITION = 2**53
+
+
 def position_of(batch_id: str, line_id: str) -> int | None:
     """The position a line id (:func:`line_id`) names in ``batch_id``; None when it is not
     one of this batch's ids."""
@@ -160,4 +164,5 @@ def position_of(batch_id: str, line_id: str) -> int | None:
     digits = line_id[len(prefix) :]
     if not digits.isascii() or not digits.isdigit() or (digits[0] == "0" and digits != "0"):
         return None
-    return int(digits)
+    pos = int(digits)
+    return pos if pos <= MAX_POSITION else None

@@ -95,6 +95,14 @@ class ResultService:
         self._blobs = blobs
         self._keepalive = keepalive_seconds
         self._streams = streams
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """The server is shutting down: every followed stream ends at its next poll (within
+        :data:`POLL_MAX_SECONDS`) instead of holding the shutdown up; a reader resumes after
+        the last line it got (``after``), as after any stream that ends before its batch.
+        Call on the event loop's thread."""
+        self._closing.set()
 
     async def latest(self, batch: BatchRecord, count: int) -> list[tuple[int, Record]]:
         """The last ``count`` committed results of ``batch``, newest first."""
@@ -114,7 +122,8 @@ class ResultService:
         """Chunks of whole OpenAI lines (and, when following, keep-alive spaces): the
         results of ``batch`` (a record the caller read, scoped to its project) with position
         > ``after`` committed so far; with ``follow``, then each one as it is committed,
-        until the batch has ended and all are given (or the batch was deleted). Raises
+        until the batch has ended and all are given (or the batch was deleted, or the server
+        shuts down: :meth:`close`). Raises
         :class:`batchd.errors.BlobNotFound` when the batch's results are deleted while they
         are read (the stream breaks off rather than looking complete)."""
         if not follow:
@@ -147,6 +156,14 @@ class ResultService:
         if buf:
             yield bytes(buf)
 
+    async def _closed_within(self, seconds: float) -> bool:
+        """Wait ``seconds``; True at once when the server is shutting down."""
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
     async def _follow(
         self, batch: BatchRecord, after: int, outcome: Outcome | None
     ) -> AsyncIterator[bytes]:
@@ -172,7 +189,8 @@ class ResultService:
             if now - quiet_since >= self._keepalive:
                 yield KEEPALIVE
                 quiet_since = now
-            await asyncio.sleep(min(delay, self._keepalive))
+            if await self._closed_within(min(delay, self._keepalive)):
+                return
             if now - moved_at >= POLL_FAST_SECONDS:
                 delay = min(delay * POLL_BACKOFF, POLL_MAX_SECONDS)
             rec = await self._batches.get_batch(batch.id)
