@@ -158,6 +158,27 @@ async def test_a_5xx_with_a_long_retry_after_parks_like_a_429() -> None:
     assert deployment.pause_left() > 3500  # the whole deployment waits
 
 
+async def test_a_request_cut_by_the_deadline_is_left_undone() -> None:
+    """A request still running when the batch's window ends is not the upstream's timeout:
+    it is left undone, for the finaliser to list as ``batch_expired`` (CONTRACT.md)."""
+
+    async def slow(seconds: float) -> UpstreamResponse:
+        await asyncio.sleep(seconds)
+        raise UpstreamTimeout(f"no answer within {seconds} s")
+
+    assert await run(slow, deadline=0.2) is None  # type: ignore[arg-type]
+    # The upstream's own time limit, inside the window, is a timeout as before.
+    result = await send_with_retries(
+        slow,
+        deployment=Deployment(),
+        deadline=time.time() + 60,
+        stop=asyncio.Event(),
+        time_limit=0.05,
+        policy=RetryPolicy(max_attempts=2, park_after=1.0),
+    )
+    assert isinstance(result, UpstreamResponse) and result.status_code == 504
+
+
 async def test_a_backoff_past_the_deadline_ends_with_the_last_failure() -> None:
     result = await run(Script(status(500, retry_after=5)), attempts=10, deadline=3)
     assert isinstance(result, UpstreamResponse) and result.status_code == 500

@@ -155,6 +155,10 @@ async def send_with_retries(  # noqa: C901 - the policy, one branch per case of 
         try:
             resp = await send(*args, min(time_limit, left))
         except Exception as exc:
+            if left < time_limit and time.time() >= deadline:
+                # Cut by the batch's deadline, not by the upstream: the request was not
+                # completed in the window, so it is left undone (``batch_expired``).
+                return None
             if not isinstance(exc, UpstreamError):
                 log.warning("sending a request failed unexpectedly", exc_info=True)
             failures += 1
