@@ -110,6 +110,16 @@ def test_cancel_keeps_partial_results(claude: anthropic.Anthropic, upstream: Ups
     assert kinds == {"succeeded": counts.succeeded, "canceled": counts.canceled} | (
         {"errored": counts.errored} if counts.errored else {}
     )
+    # Cancelling it again: a conflict, in the words of Anthropic's API (no OpenAI status).
+    with pytest.raises(anthropic.ConflictError) as again:
+        claude.messages.batches.cancel(created.id)
+    assert again.value.body == {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": f"Message batch {created.id} has ended: it can no longer be canceled.",
+        },
+    }
 
 
 def test_list_pages_and_delete(claude: anthropic.Anthropic, server: Server) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import anthropic
 import pytest
 from openai import OpenAI
 
@@ -126,3 +128,36 @@ def test_embeddings_from_the_model(local_server: Server, sdk: Callable[..., Open
         )
 
     assert cos(vec["cat"], vec["para"]) > cos(vec["cat"], vec["other"]) + 0.2
+
+
+def test_message_batches_answered_by_the_embedded_chat_model(local_server: Server) -> None:
+    """Anthropic's Message Batches with the real `anthropic` SDK, on the embedded chat model:
+    the params are translated to a chat completion and its answer back to a Message."""
+    claude = anthropic.Anthropic(base_url=local_server.url, api_key="local", max_retries=0)
+    params = {
+        "model": "smollm2-135m-instruct",
+        "max_tokens": 12,
+        "temperature": 0,
+        "system": "Answer in one short sentence.",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }
+    created = claude.messages.batches.create(
+        requests=[{"custom_id": cid, "params": params} for cid in ("a", "b")]  # type: ignore[misc]
+    )
+    deadline = time.time() + 240
+    while (batch := claude.messages.batches.retrieve(created.id)).processing_status != "ended":
+        assert time.time() < deadline, batch
+        time.sleep(0.5)
+    assert batch.request_counts.succeeded == 2
+    results = {r.custom_id: r.result for r in claude.messages.batches.results(created.id)}
+    texts = []
+    for result in results.values():
+        assert result.type == "succeeded"
+        message = result.message
+        assert message.role == "assistant" and message.model == "smollm2-135m-instruct"
+        assert message.stop_reason in ("end_turn", "max_tokens")
+        assert message.usage.input_tokens > 10 and 0 < message.usage.output_tokens <= 12
+        assert message.content[0].type == "text"
+        texts.append(message.content[0].text)
+    assert "Paris" in texts[0] and texts[0] == texts[1]  # temperature 0: the same answer
+    claude.close()

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import orjson
 
 from batchd.config import Settings
-from batchd.errors import ApiError, InvalidRequest, NotFound, TooLarge, excerpt
+from batchd.errors import ApiError, Conflict, InvalidRequest, NotFound, TooLarge, excerpt
 from batchd.models import (
     API_ANTHROPIC,
     CANCELLING,
@@ -224,7 +224,14 @@ class MessageBatchService:
 
     async def cancel(self, project: str, mb_id: str) -> tuple[MessageBatchRow, BatchRecord]:
         row, _ = await self.get(project, mb_id)
-        rec = await self._batches.cancel(project, row.batch_id)
+        try:
+            rec = await self._batches.cancel(project, row.batch_id)
+        except Conflict as exc:  # in Anthropic's words: its statuses are not OpenAI's
+            raise Conflict(
+                f"Message batch {excerpt(mb_id, quote=False)} has ended: it can no longer be "
+                "canceled.",
+                code=exc.code,
+            ) from None
         return row, rec
 
     async def delete(self, project: str, mb_id: str) -> None:
