@@ -13,6 +13,7 @@ Anthropic results) until the retention sweep deletes them with the result files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 from pathlib import Path
@@ -40,6 +41,7 @@ from batchd.models import (
     now,
 )
 from batchd.results.openai import render_part
+from batchd.results.reader import by_size
 from batchd.results.record import Outcome, unanswered
 from batchd.store.protocols import QueueStore
 from batchd.telemetry.logs import about
@@ -182,8 +184,8 @@ class Finalizer:
             err_w = await self._open(stack, err_id)
             for part in parts:
                 data = await self._blobs.read_all(part.key)
-                out, err, _, _ = await anyio.to_thread.run_sync(
-                    render_part, batch.id, part.first_pos, data
+                out, err, _, _ = await by_size(
+                    data, functools.partial(render_part, batch.id, part.first_pos)
                 )
                 if out and out_w is not None:
                     await out_w.write(out)

@@ -7,8 +7,8 @@ so a reader sees every result exactly once across crashes and takeovers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Literal, TypeVar
 
 import anyio.to_thread
 
@@ -16,9 +16,20 @@ from batchd.blobs.base import Blobs
 from batchd.results.record import SUCCEEDED, Record, decode_records
 from batchd.store.protocols import QueueStore
 
-# Parts over this size are decoded on a worker thread (a part is at most a checkpoint's
-# results of one shard: 1,000 records).
+# Parts over this size are decoded (or rendered) on a worker thread; smaller ones on the
+# event loop, where they take well under a millisecond and a thread's hand-off would cost
+# more (a part is at most a checkpoint's results of one shard: 1,000 records).
 _THREAD_BYTES = 256 * 1024
+
+T = TypeVar("T")
+
+
+async def by_size(data: bytes, work: Callable[[bytes], T]) -> T:
+    """``work(data)``: on a worker thread when ``data`` is over :data:`_THREAD_BYTES`, else
+    at once."""
+    if len(data) > _THREAD_BYTES:
+        return await anyio.to_thread.run_sync(work, data)
+    return work(data)
 
 
 async def read_results(
@@ -35,11 +46,7 @@ async def read_results(
     :class:`batchd.errors.BlobNotFound` when a part's blob is gone (the batch's results were
     deleted while reading)."""
     for part in await store.result_parts(batch_id, after):
-        data = await blobs.read_all(part.key)
-        if len(data) > _THREAD_BYTES:
-            records = await anyio.to_thread.run_sync(decode_records, data)
-        else:
-            records = decode_records(data)
+        records = await by_size(await blobs.read_all(part.key), decode_records)
         for pos, rec in enumerate(records, part.first_pos):
             if pos <= after:
                 continue
