@@ -318,7 +318,9 @@ class BatchdResult:
 def batchd_run(client: OpenAI, data: bytes, *, poll: float = 0.05, timeout: float = 900) -> (
     BatchdResult
 ):
-    """Upload, create, poll until done, download the output: seconds end to end."""
+    """Upload, create, poll until done, download the output: seconds end to end. Polls every
+    ``poll`` seconds while requests run, then every 5 ms once every request is done, so that
+    the end is seen within a few ms of the batch's (the poll's period is not measured)."""
     t0 = time.perf_counter()
     w0 = time.time()
     f = client.files.create(file=("bench.jsonl", data), purpose="batch")
@@ -331,7 +333,11 @@ def batchd_run(client: OpenAI, data: bytes, *, poll: float = 0.05, timeout: floa
     while b.status not in ("completed", "failed", "cancelled", "expired"):
         if time.time() > deadline:
             raise TimeoutError(f"batch {b.id} still {b.status}: {b.request_counts}")
-        time.sleep(poll)
+        counts = b.request_counts
+        finishing = counts is not None and counts.total and (
+            counts.completed + counts.failed >= counts.total
+        )
+        time.sleep(0.005 if finishing else poll)
         b = client.batches.retrieve(b.id)
     t_done = time.perf_counter()
     w_done = time.time()
