@@ -193,6 +193,37 @@ def wait_batch(
         time.sleep(0.2)
 
 
+def message_requests(
+    n: int, *, prefix: str, model: str, max_tokens: int, **params: Any
+) -> list[dict[str, Any]]:
+    """``n`` requests of an Anthropic message batch: custom_id ``<prefix>-<i>``, one user
+    message ``<prefix>-<i>``, ``params`` added to each request's params."""
+    return [
+        {
+            "custom_id": f"{prefix}-{i}",
+            "params": {
+                "model": model,
+                "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": f"{prefix}-{i}"}],
+                **params,
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def wait_ended(client: Any, batch_id: str, timeout: float = 90) -> Any:
+    """The message batch once its ``processing_status`` is ``ended`` (``client``: an
+    ``anthropic.Anthropic``); fails the test after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        b = client.messages.batches.retrieve(batch_id)
+        if b.processing_status == "ended":
+            return b
+        assert time.time() < deadline, f"{batch_id} still {b.processing_status}"
+        time.sleep(0.2)
+
+
 def read_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

@@ -17,7 +17,7 @@ import anthropic
 import pytest
 
 from tests.conftest import API_KEY, OTHER_KEY
-from tests.support import Server, Upstream
+from tests.support import Server, Upstream, message_requests, wait_ended
 
 
 @pytest.fixture
@@ -28,28 +28,7 @@ def claude(server: Server) -> Iterator[anthropic.Anthropic]:
 
 
 def requests(n: int, prefix: str = "r", **params: Any) -> list[dict[str, Any]]:
-    return [
-        {
-            "custom_id": f"{prefix}-{i}",
-            "params": {
-                "model": "gpt-4o",
-                "max_tokens": 32,
-                "messages": [{"role": "user", "content": f"{prefix}-{i}"}],
-                **params,
-            },
-        }
-        for i in range(n)
-    ]
-
-
-def wait_ended(client: anthropic.Anthropic, batch_id: str, timeout: float = 60) -> Any:
-    deadline = time.time() + timeout
-    while True:
-        b = client.messages.batches.retrieve(batch_id)
-        if b.processing_status == "ended":
-            return b
-        assert time.time() < deadline, f"{batch_id} still {b.processing_status}"
-        time.sleep(0.2)
+    return message_requests(n, prefix=prefix, model="gpt-4o", max_tokens=32, **params)
 
 
 def test_full_flow_with_an_errored_line(

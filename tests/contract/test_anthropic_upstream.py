@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY, base_config
-from tests.support import Server, Upstream, start_worker
+from tests.support import Server, Upstream, message_requests, start_worker, wait_ended
 
 CLAUDE = "claude-test"
 UPSTREAM_KEY = "sk-upstream-1"
@@ -61,28 +61,7 @@ def served(
 
 
 def requests(n: int, prefix: str = "p", model: str = CLAUDE, **params: Any) -> list[Any]:
-    return [
-        {
-            "custom_id": f"{prefix}-{i}",
-            "params": {
-                "model": model,
-                "max_tokens": 64,
-                "messages": [{"role": "user", "content": f"{prefix}-{i}"}],
-                **params,
-            },
-        }
-        for i in range(n)
-    ]
-
-
-def wait_ended(client: anthropic.Anthropic, batch_id: str, timeout: float = 90) -> Any:
-    deadline = time.time() + timeout
-    while True:
-        b = client.messages.batches.retrieve(batch_id)
-        if b.processing_status == "ended":
-            return b
-        assert time.time() < deadline, f"{batch_id} still {b.processing_status}"
-        time.sleep(0.2)
+    return message_requests(n, prefix=prefix, model=model, max_tokens=64, **params)
 
 
 def wait_succeeded(client: anthropic.Anthropic, batch_id: str, at_least: int) -> None:

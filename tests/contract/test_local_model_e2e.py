@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from batchd.localmodel.packages import MINILM, SMOLLM2
-from tests.support import Server, read_jsonl, start_server, wait_batch, write_config
+from tests.support import Server, read_jsonl, start_server, wait_batch, wait_ended, write_config
 from tests.unit.localmodel_support import weights_dir
 
 
@@ -144,10 +143,7 @@ def test_message_batches_answered_by_the_embedded_chat_model(local_server: Serve
     created = claude.messages.batches.create(
         requests=[{"custom_id": cid, "params": params} for cid in ("a", "b")]  # type: ignore[misc]
     )
-    deadline = time.time() + 240
-    while (batch := claude.messages.batches.retrieve(created.id)).processing_status != "ended":
-        assert time.time() < deadline, batch
-        time.sleep(0.5)
+    batch = wait_ended(claude, created.id, timeout=240)
     assert batch.request_counts.succeeded == 2
     results = {r.custom_id: r.result for r in claude.messages.batches.results(created.id)}
     texts = []
