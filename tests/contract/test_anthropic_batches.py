@@ -28,7 +28,7 @@ def claude(server: Server) -> Iterator[anthropic.Anthropic]:
 
 
 def requests(n: int, prefix: str = "r", **params: Any) -> list[dict[str, Any]]:
-    return message_requests(n, prefix=prefix, model="gpt-4o", max_tokens=32, **params)
+    return message_requests(n, prefix=prefix, **{"model": "gpt-4o", "max_tokens": 32, **params})
 
 
 def test_full_flow_with_an_errored_line(

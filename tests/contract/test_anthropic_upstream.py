@@ -61,7 +61,7 @@ def served(
 
 
 def requests(n: int, prefix: str = "p", model: str = CLAUDE, **params: Any) -> list[Any]:
-    return message_requests(n, prefix=prefix, model=model, max_tokens=64, **params)
+    return message_requests(n, prefix=prefix, **{"model": model, "max_tokens": 64, **params})
 
 
 def wait_succeeded(client: anthropic.Anthropic, batch_id: str, at_least: int) -> None:

@@ -72,7 +72,7 @@ def create_app(
         readiness=readiness,
         wake_engine=wake_engine or (lambda: None),
         idempotency=Idempotency(store.keys),
-        store=store,
+        usage=store.usage,
         results=ResultService(
             store.batches,
             store.queue,

@@ -41,7 +41,7 @@ from batchd.service.batches import BatchService
 from batchd.service.files import FileService
 from batchd.service.idempotency import HEADER, Idempotency, check_key, fingerprint
 from batchd.service.results import ResultService, cursor_of
-from batchd.store.protocols import Store
+from batchd.store.protocols import UsageStore
 
 # ``after`` cursors: an id of the listed kind (or empty: from the start)
 _AFTER_BATCH = r"^(batch_[0-9a-f-]{36})?$"
@@ -59,7 +59,7 @@ class Services:
     readiness: Readiness
     wake_engine: Callable[[], None]
     idempotency: Idempotency
-    store: Store
+    usage: UsageStore  # /usage: the one store aggregate a route reads itself
     results: ResultService
 
 
@@ -352,7 +352,7 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
         responses=responses(UsageList),
     )
     async def usage(request: Request, proj: str = Depends(project)) -> Response:
-        rows = await services(request).store.usage.token_usage(proj)
+        rows = await services(request).usage.token_usage(proj)
         return json_response({"object": "list", "data": [r.to_wire() for r in rows]})
 
     @router.post(
