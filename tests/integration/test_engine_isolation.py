@@ -1,5 +1,6 @@
 """The engine's side loops isolate their batches, and a batch cancelled while it is still
-validating reports every line once (real SQLite store, real blobs, the real engine)."""
+validating reports every line once (every store: memory, SQLite and PostgreSQL; real blobs,
+the real engine)."""
 
 from __future__ import annotations
 
@@ -15,83 +16,20 @@ from batchd.config import Settings
 from batchd.engine import failures as failures_module
 from batchd.engine.finalize import Finalizer
 from batchd.engine.worker import Engine
-from batchd.models import (
-    FAILED,
-    FILE_PROCESSED,
-    IN_PROGRESS,
-    VALIDATING,
-    BatchRecord,
-    FileRecord,
-    new_id,
-    now,
-)
+from batchd.models import FAILED, IN_PROGRESS, VALIDATING, BatchRecord, new_id, now
 from batchd.service.activation import Activator
-from batchd.service.validation import Validator
-from batchd.store.connect import migrate, open_store
 from batchd.store.protocols import Store
-
-
-def lines(n: int, prefix: str) -> bytes:
-    rows = [
-        {
-            "custom_id": f"{prefix}-{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "m", "messages": [{"role": "user", "content": str(i)}]},
-        }
-        for i in range(n)
-    ]
-    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
-
-
-async def make_batch(
-    store: Store, blobs: LocalBlobs, data: bytes, project: str = "p"
-) -> BatchRecord:
-    v = Validator(max_lines=1000, max_line_bytes=1 << 20, shard_lines=2)
-    v.feed(data)
-    summary = v.finish()
-    fid = new_id("file-")
-    await blobs.put(f"inputs/{fid}", data)
-    await store.files.insert_file(
-        FileRecord(
-            fid,
-            project,
-            "in.jsonl",
-            "batch",
-            len(data),
-            now(),
-            FILE_PROCESSED,
-            f"inputs/{fid}",
-            summary=summary,
-        )
-    )
-    t = now()
-    batch = BatchRecord(
-        id=new_id("batch_"),
-        project=project,
-        endpoint="/v1/chat/completions",
-        input_file_id=fid,
-        completion_window="24h",
-        status=VALIDATING,
-        created_at=t,
-        expires_at=t + 86400,
-        input_blob_key=f"inputs/{fid}",
-    )
-    await store.batches.insert_batch(batch)
-    return batch
+from tests.store_support import MODEL, lines, make_batch
 
 
 @pytest.fixture
-async def parts(tmp_path: Path) -> Any:
-    url = f"sqlite:///{tmp_path / 'b.db'}"
-    await migrate(url)
-    store = open_store(url)
-    blobs = LocalBlobs(tmp_path / "files")
+def parts(store: Store, tmp_path: Path) -> tuple[Settings, Store, LocalBlobs]:
+    """The settings (a deployment of the lines' model), a store of each implementation
+    (integration/conftest.py: memory, SQLite, PostgreSQL) and local blobs."""
     settings = Settings(
-        data_dir=tmp_path, deployments=[{"model": "m", "base_url": "http://127.0.0.1:9/v1"}]
+        data_dir=tmp_path, deployments=[{"model": MODEL, "base_url": "http://127.0.0.1:9/v1"}]
     )
-    yield settings, store, blobs
-    await store.close()
+    return settings, store, LocalBlobs(tmp_path / "files")
 
 
 async def test_cancel_while_validating_lists_every_line(parts: Any, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from batchd.results.reader import read_results
 from batchd.results.record import decode
 from batchd.service.activation import Activator
 from batchd.store.memory import memory_store
-from tests.integration.test_engine_isolation import lines, make_batch
+from tests.store_support import lines, make_batch
 
 
 async def test_a_cancelled_batch_finalises_with_its_results_in_memory(tmp_path: Path) -> None:
