@@ -19,16 +19,14 @@ from batchd.engine.worker import Engine
 from batchd.models import FAILED, IN_PROGRESS, VALIDATING, BatchRecord, new_id, now
 from batchd.service.activation import Activator
 from batchd.store.protocols import Store
-from tests.store_support import MODEL, lines, make_batch
+from tests.store_support import DEPLOYMENT, lines, make_batch
 
 
 @pytest.fixture
 def parts(store: Store, tmp_path: Path) -> tuple[Settings, Store, LocalBlobs]:
     """The settings (a deployment of the lines' model), a store of each implementation
     (integration/conftest.py: memory, SQLite, PostgreSQL) and local blobs."""
-    settings = Settings(
-        data_dir=tmp_path, deployments=[{"model": MODEL, "base_url": "http://127.0.0.1:9/v1"}]
-    )
+    settings = Settings(data_dir=tmp_path, deployments=[DEPLOYMENT])
     return settings, store, LocalBlobs(tmp_path / "files")
 
 

@@ -26,7 +26,7 @@ from batchd.service.activation import Activator
 from batchd.store.memory import MemoryQueueStore, memory_store
 from batchd.store.memory_state import MemoryState
 from batchd.store.protocols import ShardCheckpoint, Store
-from tests.store_support import MODEL, lines, make_batch
+from tests.store_support import DEPLOYMENT, lines, make_batch
 
 LEASE = 30.0
 
@@ -69,9 +69,7 @@ class Setup:
         self.store: Store = memory_store(state)
         self.queue = RecordingQueue(state)
         self.blobs = FailingBlobs(tmp_path / "files")
-        self.settings = Settings(
-            data_dir=tmp_path, deployments=[{"model": MODEL, "base_url": "http://127.0.0.1:9/v1"}]
-        )
+        self.settings = Settings(data_dir=tmp_path, deployments=[DEPLOYMENT])
         self.spool = tmp_path / "spool"
         self.batch_id = ""
 

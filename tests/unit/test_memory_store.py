@@ -8,19 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from batchd.backends.base import UpstreamResponse
-from batchd.blobs.keys import part_key
 from batchd.blobs.local import LocalBlobs
 from batchd.config import Settings
 from batchd.engine.finalize import Finalizer
-from batchd.models import CANCELLED, CANCELLING, IN_PROGRESS, UNEXECUTED_SHARD, Part, Usage, now
-from batchd.results.answer import answer_record
+from batchd.models import CANCELLED, CANCELLING, IN_PROGRESS, UNEXECUTED_SHARD, Usage, now
 from batchd.results.openai import openai_line
 from batchd.results.reader import read_results
 from batchd.results.record import decode
 from batchd.service.activation import Activator
 from batchd.store.memory import memory_store
-from tests.store_support import lines, make_batch
+from tests.store_support import commit_results, lines, make_batch
 
 
 async def test_a_cancelled_batch_finalises_with_its_results_in_memory(tmp_path: Path) -> None:
@@ -38,16 +35,7 @@ async def test_a_cancelled_batch_finalises_with_its_results_in_memory(tmp_path: 
     t = now()
     claims = await store.queue.claim_shards("w", 1, t, 30)
     assert [(c.batch_id, c.idx, c.token) for c in claims] == [(batch.id, 0, 1)]
-    records = [
-        answer_record(f'"r-{i}"'.encode(), UpstreamResponse(200, b'{"n":%d}' % i, "q"), 1.0)[1]
-        for i in range(2)
-    ]
-    key = part_key(batch.id, 0, claims[0].token, 1)
-    await blobs.put(key, b"".join(records))
-    part = Part(batch.id, 0, 1, key, 2, 0)
-    await store.queue.checkpoint(
-        claims[0], done=b"\x03", part=part, usage=Usage(4, 0, 6, 0), shard_done=True
-    )
+    records = await commit_results(store.queue, blobs, claims[0], [200, 200])  # shard done
     cancelling = await store.batches.request_cancel(batch.id, "p", t)
     assert cancelling is not None and cancelling.status == CANCELLING
 
