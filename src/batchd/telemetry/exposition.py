@@ -24,8 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from batchd.config import Settings
-from batchd.store.slots import fair_shares
-from batchd.store.state import QueueState
+from batchd.store.types import QueueState, fair_shares
 from batchd.telemetry import multiproc
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
