@@ -12,6 +12,10 @@ limit: a process takes only slots nobody holds, and gives back only slots it doe
 so a rebalance (a worker comes or goes) never puts more requests in flight than allowed.
 PostgreSQL serialises the renewals with a transaction-level advisory lock, SQLite with its
 write lock. Cost: one transaction per process per heartbeat, none per request.
+
+The division and the rows, pure and shared with the memory store, are in
+:mod:`batchd.store.types` (:func:`~batchd.store.types.grants_for`,
+:func:`~batchd.store.types.slot_leases`); this module reads and writes them.
 """
 
 from __future__ import annotations

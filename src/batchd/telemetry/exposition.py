@@ -60,7 +60,8 @@ class LimitsCollector(Collector):
 
 class ShareCollector(Collector):
     """Each project's fair share of each deployment's slots now, from the projects' wants
-    over the live engine processes (the division the slot leases make: store/slots.py)."""
+    over the live engine processes (the division the slot leases make:
+    :func:`batchd.store.types.fair_shares`)."""
 
     def __init__(self, settings: Settings, state: QueueState) -> None:
         self._settings = settings
