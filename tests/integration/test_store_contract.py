@@ -33,7 +33,7 @@ from batchd.models import (
 from batchd.store.connect import HEAD_REVISION, _alembic_config, async_url, migrate
 from batchd.store.protocols import Store
 from batchd.store.schema import metadata
-from batchd.store.slots import SlotDemand
+from batchd.store.types import SlotDemand
 
 FAR = 10**10  # a deadline that never comes
 T0 = 1_000.0  # lease clock of the tests

@@ -1,11 +1,11 @@
-"""Weighted max-min fair shares (store/slots.py): the division every slot lease uses."""
+"""Weighted max-min fair shares (store/types.py): the division every slot lease uses."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchd.store.slots import SlotDemand, fair_shares, grant
+from batchd.store.types import SlotDemand, SlotGrant, SlotLease, fair_shares, grant, slot_leases
 
 
 def test_fair_shares_examples() -> None:
@@ -43,3 +43,20 @@ def test_grant_splits_a_project_share_between_its_processes() -> None:
     others = {"b": (12, 0, {"big": 12}), "c": (12, 0, {"small": 12})}
     mine = grant("a", SlotDemand(12, 12, 0, {"big": 12}), others)
     assert mine.target == 3  # big's 6 split between a and b; small keeps its 6
+
+
+def test_slot_leases_are_the_rows_every_store_keeps() -> None:
+    """One lease row per deployment granted: the want capped at the limit, the granted
+    slots, the want by project (capped too; one unnamed project when none is named)."""
+    demands = {
+        "m": SlotDemand(10, 25, 3, {"p": 20, "q": 5, "idle": 0}),
+        "n": SlotDemand(4, 2, 0),
+        "o": SlotDemand(4, 0, 0),
+    }
+    grants = {"m": SlotGrant(7, 8), "n": SlotGrant(2, 2), "o": SlotGrant(0, 0)}
+    assert slot_leases(demands, grants) == [
+        SlotLease("m", 10, 7, {"p": 10, "q": 5}),
+        SlotLease("n", 2, 2, {"": 2}),
+        SlotLease("o", 0, 0, {}),
+    ]
+    assert slot_leases(demands, {"n": grants["n"]}) == [SlotLease("n", 2, 2, {"": 2})]

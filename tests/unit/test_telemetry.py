@@ -252,7 +252,7 @@ def test_openapi_lists_the_azure_trees() -> None:
 def test_grafana_dashboard_names_only_real_series() -> None:
     from pathlib import Path
 
-    from batchd.store.state import QueueState, SlotUse
+    from batchd.store.types import QueueState, SlotUse
     from batchd.telemetry.exposition import LimitsCollector, ShareCollector, StateCollector
 
     registry = CollectorRegistry()
@@ -286,7 +286,7 @@ def test_grafana_dashboard_names_only_real_series() -> None:
 
 def test_project_shares_are_the_leases_division() -> None:
     from batchd.config import Settings
-    from batchd.store.state import QueueState
+    from batchd.store.types import QueueState
     from batchd.telemetry.exposition import ShareCollector
 
     settings = Settings(

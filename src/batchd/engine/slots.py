@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from batchd.engine.limits import DeploymentLimiter
 from batchd.store.protocols import SlotStore
-from batchd.store.slots import SlotDemand, even
+from batchd.store.types import SlotDemand, even
 
 log = logging.getLogger(__name__)
 

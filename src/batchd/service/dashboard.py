@@ -27,7 +27,7 @@ from batchd.service.files import FileService, Upload
 from batchd.service.results import ResultService
 from batchd.service.retry import RetryService
 from batchd.store.protocols import Store
-from batchd.store.state import SlotUse
+from batchd.store.types import SlotUse
 from batchd.telemetry.recent import Recent, RecentWindow, totals_from
 
 ERROR_LINES = 20  # error-file lines shown on a batch's page

@@ -42,8 +42,8 @@ from batchd.results.record import CANCELLED, EXPIRED, Record, line_id
 from batchd.service.batches import BatchService
 from batchd.service.files import FileService
 from batchd.service.messages_format import chat_body, messages_body
-from batchd.store.message_batches import MessageBatchRow
 from batchd.store.protocols import MessageBatchRecords, QueueStore
+from batchd.store.types import MessageBatchRow
 
 PREFIX = "msgbatch_"
 _CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}", re.ASCII)

@@ -24,8 +24,9 @@ from batchd.models import (
 )
 from batchd.store.codec import encode
 from batchd.store.db import Database
-from batchd.store.rows import NOT_STARTED, UNFINISHED, batch_record, record_event
+from batchd.store.rows import NOT_STARTED, batch_record, record_event
 from batchd.store.schema import batches, shards
+from batchd.store.types import UNFINISHED
 
 # Namespaces of the PostgreSQL advisory locks that make a token quota's check and its take
 # one step between replicas (``pg_advisory_xact_lock(namespace, hashtext(key))``). SQLite

@@ -7,8 +7,9 @@ from sqlalchemy import delete, exists, func, insert, select, update
 from batchd.errors import QuotaExceeded
 from batchd.models import FileRecord
 from batchd.store.db import Database
-from batchd.store.rows import UNFINISHED, file_record, file_values
+from batchd.store.rows import file_record, file_values
 from batchd.store.schema import batches, files
+from batchd.store.types import UNFINISHED
 
 # Namespace of the PostgreSQL advisory lock that makes the file count's check and its take
 # one step between replicas (key: the project; limits.max_files).
@@ -115,6 +116,7 @@ class SqlFileStore:
         q = (
             select(*_LISTED)
             .where(files.c.deleted_at.is_not(None), ~referenced)
+            .order_by(files.c.id)
             .limit(limit)
         )
         async with self._db.read() as conn:

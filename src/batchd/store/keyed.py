@@ -1,15 +1,13 @@
 """Two small cluster-wide records on the metadata store: idempotency keys and named leases.
 
-Both are one transaction per call, like every method of the store
-(:mod:`batchd.store.protocols`), and hold across replicas: an idempotency key is checked and
-taken under a per-key lock (PostgreSQL advisory lock; SQLite's write transactions run one at
-a time), and a lease row is taken with one conditional update or insert.
+Both hold across replicas. An idempotency key is checked and taken in one transaction under
+a per-key lock (PostgreSQL advisory lock; SQLite's write transactions run one at a time). A
+lease is taken or renewed with one conditional update; a lease never taken before is
+inserted in a second transaction, where a replica inserting the same name at the same time
+loses on the primary key (``IntegrityError``: not taken), so one holder wins without a lock.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Literal
 
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -17,43 +15,9 @@ from sqlalchemy.exc import IntegrityError
 from batchd.errors import StoreError
 from batchd.store.db import Database
 from batchd.store.schema import idempotency_keys, leases
+from batchd.store.types import KeyState, held_key
 
 LOCK_IDEMPOTENCY = 0x62640003  # key: project, kind and idempotency key
-
-Claim = Literal["new", "replay", "conflict", "in_flight"]
-
-
-@dataclass(frozen=True, slots=True)
-class KeyState:
-    """What :meth:`IdempotencyKeys.claim` found: ``new`` (the caller now holds the key and
-    must :meth:`~IdempotencyKeys.finish` or :meth:`~IdempotencyKeys.release` it), ``replay``
-    (the same request made ``result_id``), ``conflict`` (another request used the key) or
-    ``in_flight`` (the same request is still running elsewhere)."""
-
-    claim: Claim
-    result_id: str | None = None
-
-
-def held_key(
-    held_fp: str,
-    result_id: str | None,
-    created_at: int,
-    fingerprint: str,
-    now: int,
-    *,
-    ttl: int,
-    stale: int,
-) -> KeyState | None:
-    """What a claim at ``now`` finds of a key recorded at ``created_at`` for ``held_fp``
-    (having made ``result_id``, if not None); None: it lapsed (``ttl``) or its request went
-    stale (``stale``), and the claim takes it over."""
-    if created_at <= now - ttl or (result_id is None and created_at <= now - stale):
-        return None
-    if held_fp != fingerprint:
-        return KeyState("conflict")
-    if result_id is None:
-        return KeyState("in_flight")
-    return KeyState("replay", result_id)
 
 
 class IdempotencyKeys:
@@ -141,7 +105,9 @@ class Leases:
 
     async def acquire(self, name: str, owner: str, now: float, seconds: float) -> bool:
         """Take or renew ``name`` for ``owner`` until ``now + seconds``: True when ``owner``
-        holds it (it was free, lapsed, or ``owner``'s already)."""
+        holds it (it was free, lapsed, or ``owner``'s already). Two transactions when the
+        name has no row yet: the update finds none, then the insert (False if another
+        process inserted first)."""
         async with self._db.write() as conn:
             res = await conn.execute(
                 update(leases)

@@ -44,10 +44,17 @@ from batchd.store.memory_keyed import MemoryIdempotencyKeys, MemoryLeases
 from batchd.store.memory_message_batches import MemoryMessageBatches
 from batchd.store.memory_state import BatchRow, MemoryState, ShardRow, SlotRow
 from batchd.store.protocols import IdempotencyKeyStore, ShardCheckpoint, Store
-from batchd.store.rows import UNFINISHED
-from batchd.store.slots import SlotDemand, SlotGrant, even, grants_for
-from batchd.store.state import QueueState, SlotUse
-from batchd.store.usage import TokenUsage
+from batchd.store.types import (
+    UNFINISHED,
+    QueueState,
+    SlotDemand,
+    SlotGrant,
+    SlotUse,
+    TokenUsage,
+    even,
+    grants_for,
+    slot_leases,
+)
 
 _INT64 = 2**63
 
@@ -618,9 +625,8 @@ class MemorySlotStore:
             del rows[key]
         held = [(d, o, r.want, r.slots, r.projects) for (d, o), r in rows.items()]
         grants = grants_for(owner, demands, held, weight)
-        for d, g in grants.items():
-            want = min(demands[d].want, demands[d].limit)
-            rows[(d, owner)] = SlotRow(want, g.slots, until, demands[d].by_project())
+        for row in slot_leases(demands, grants):
+            rows[(row.deployment, owner)] = SlotRow(row.want, row.slots, until, row.projects)
         return grants
 
     async def live_engines(self, now: float) -> int:

@@ -3,8 +3,8 @@ contract of their SQL store (:mod:`batchd.store.keyed`)."""
 
 from __future__ import annotations
 
-from batchd.store.keyed import KeyState, held_key
 from batchd.store.memory_state import KeyRow, MemoryState
+from batchd.store.types import KeyState, held_key
 
 
 class MemoryIdempotencyKeys:

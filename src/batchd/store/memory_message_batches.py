@@ -9,7 +9,7 @@ from dataclasses import replace
 from batchd.errors import StoreError
 from batchd.models import BatchRecord
 from batchd.store.memory_state import MemoryState
-from batchd.store.message_batches import MessageBatchRow
+from batchd.store.types import MessageBatchRow
 
 
 class MemoryMessageBatches:
@@ -24,7 +24,10 @@ class MemoryMessageBatches:
         ]
 
     async def insert(self, row: MessageBatchRow) -> None:
-        if row.id in self._s.message_batches or row.batch_id not in self._s.batches:
+        """Raises :class:`StoreError` as the table's keys do: a duplicate id, a batch that
+        does not exist, or one that has a message batch already (deleted or not)."""
+        taken = any(m.batch_id == row.batch_id for m in self._s.message_batches.values())
+        if row.id in self._s.message_batches or row.batch_id not in self._s.batches or taken:
             raise StoreError(f"metadata store write failed: message batch {row.id}")
         self._s.message_batches[row.id] = MessageBatchRow(
             row.id, row.project, row.batch_id, row.created_at

@@ -23,8 +23,7 @@ from batchd.models import (
     Usage,
     new_id,
 )
-from batchd.store.message_batches import MessageBatchRow
-from batchd.store.rows import UNFINISHED
+from batchd.store.types import UNFINISHED, MessageBatchRow
 
 
 @dataclass

@@ -8,7 +8,6 @@ into errored, canceled and expired, which the batch's counters do not tell apart
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -18,18 +17,7 @@ from batchd.models import BatchRecord
 from batchd.store.db import Database
 from batchd.store.rows import batch_record
 from batchd.store.schema import batches, message_batches
-
-
-@dataclass(frozen=True, slots=True)
-class MessageBatchRow:
-    """A message batch: ``counts`` is ``{succeeded, errored, canceled, expired}`` once kept."""
-
-    id: str
-    project: str
-    batch_id: str
-    created_at: int
-    deleted_at: int | None = None
-    counts: dict[str, int] | None = None
+from batchd.store.types import MessageBatchRow
 
 
 def _row(r: Row[Any]) -> MessageBatchRow:

@@ -15,8 +15,13 @@ Aggregates and their implementations (SQL on SQLAlchemy Core over one
 
 :class:`Store` puts one implementation of each together; :func:`batchd.store.open_store`
 builds the SQL one, :func:`batchd.store.memory.memory_store` the in-memory one. Every method
-is one transaction, atomic with respect to every other call on the same store (across
-replicas, for SQL). Failures of the backing database raise :class:`batchd.errors.StoreError`.
+is atomic with respect to every other call on the same store (across replicas, for SQL): one
+transaction, except :meth:`LeaseStore.acquire`, which on SQL takes a name never held before
+in a second transaction (an update, then an insert that a racing replica's insert makes fail:
+still one holder). Failures of the backing database raise :class:`batchd.errors.StoreError`.
+
+The records these contracts pass besides the domain's (:mod:`batchd.models`) are in
+:mod:`batchd.store.types`; neither module loads SQLAlchemy.
 
 The contract suite (tests/integration/test_store_contract.py and its neighbours) runs on every
 implementation, so that none drifts from the others.
@@ -39,11 +44,15 @@ from batchd.models import (
     Usage,
     ValidationIssue,
 )
-from batchd.store.keyed import KeyState
-from batchd.store.message_batches import MessageBatchRow
-from batchd.store.slots import SlotDemand, SlotGrant, even
-from batchd.store.state import QueueState
-from batchd.store.usage import TokenUsage
+from batchd.store.types import (
+    KeyState,
+    MessageBatchRow,
+    QueueState,
+    SlotDemand,
+    SlotGrant,
+    TokenUsage,
+    even,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +109,8 @@ class FileStore(Protocol):
         ...
 
     async def deleted_files_unreferenced(self, limit: int = 100) -> list[FileRecord]:
-        """Deleted files whose blob no unfinished batch reads (no summaries)."""
+        """Up to ``limit`` deleted files whose blob no unfinished batch reads, by id (no
+        summaries)."""
         ...
 
     async def expire_files(self, now: int, limit: int = 100) -> int:
@@ -329,7 +339,9 @@ class UsageStore(Protocol):
 
 
 class SlotStore(Protocol):
-    """This process's shares of the deployments' in-flight slots (:mod:`batchd.store.slots`)."""
+    """This process's shares of the deployments' in-flight slots (:mod:`batchd.store.slots`);
+    every implementation shares them out with :func:`batchd.store.types.grants_for` and keeps
+    the rows of :func:`batchd.store.types.slot_leases`."""
 
     async def lease_slots(
         self,

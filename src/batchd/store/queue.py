@@ -30,6 +30,7 @@ from batchd.store.db import Database
 from batchd.store.protocols import ShardCheckpoint
 from batchd.store.rows import HAS_SHARDS, batch_record, file_values, part_record, record_event
 from batchd.store.schema import batches, files, parts, shards
+from batchd.store.types import QueueState
 
 
 def _held(claim: ShardClaim) -> Any:
@@ -498,7 +499,7 @@ class SqlQueueStore:
         async with self._db.write() as conn:
             await conn.execute(delete(parts).where(parts.c.batch_id == batch_id))
 
-    async def queue_state(self, now: float) -> state.QueueState:
+    async def queue_state(self, now: float) -> QueueState:
         """Batches by status, shards waiting and leased, slot leases (see store/state.py)."""
         async with self._db.read() as conn:
             return await state.read(conn, now)

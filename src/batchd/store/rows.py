@@ -11,8 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from batchd.models import (
     API_OPENAI,
     CANCELLING,
-    FINALIZING,
-    IN_PROGRESS,
     VALIDATING,
     BatchRecord,
     FileRecord,
@@ -22,8 +20,6 @@ from batchd.models import (
 )
 from batchd.store.codec import decode_issues, decode_metadata, decode_summary, encode
 from batchd.store.schema import batches, events, shards
-
-UNFINISHED = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
 
 HAS_SHARDS = exists().where(shards.c.batch_id == batches.c.id)
 # Not started: validating, or cancelled before its shards were made.

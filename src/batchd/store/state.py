@@ -8,34 +8,13 @@ the primary key of ``deployment_slots``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import msgspec
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd.models import CANCELLING, FINALIZING, IN_PROGRESS, SHARD_PENDING
 from batchd.store.schema import batches, deployment_slots, shards
-
-
-@dataclass(frozen=True, slots=True)
-class SlotUse:
-    """A deployment's slot leases over the live engine processes."""
-
-    processes: int  # engine processes holding a lease
-    want: int  # requests they could have in flight now (in flight + waiting, each capped)
-    slots: int  # slots they hold
-
-
-@dataclass(frozen=True, slots=True)
-class QueueState:
-    batches: dict[str, int] = field(default_factory=dict)  # status -> count
-    shards_waiting: int = 0  # pending and not leased (or the lease lapsed)
-    shards_leased: int = 0
-    requests_left: int = 0  # in batches still running: total - completed - failed
-    slots: dict[str, SlotUse] = field(default_factory=dict)  # deployment -> leases
-    # deployment -> project -> slots its batches could use now, over the live processes
-    project_wants: dict[str, dict[str, int]] = field(default_factory=dict)
+from batchd.store.types import QueueState, SlotUse
 
 
 async def read(conn: AsyncConnection, now: float) -> QueueState:

@@ -7,38 +7,16 @@ what the upstream reported as used, summed over every batch kept in the store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, literal_column, select
 
 from batchd.store.db import Database
-from batchd.store.rows import UNFINISHED
 from batchd.store.schema import batches
-
-
-@dataclass(frozen=True, slots=True)
-class TokenUsage:
-    project: str
-    model: str  # the deployment's model name; "" for a batch that never got one
-    enqueued: int
-    input_tokens: int
-    output_tokens: int
-    unfinished: int  # batches not ended
-
-    def to_wire(self) -> dict[str, object]:
-        return {
-            "object": "usage",
-            "project": self.project,
-            "model": self.model,
-            "enqueued_tokens": self.enqueued,
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "unfinished_batches": self.unfinished,
-        }
+from batchd.store.types import UNFINISHED, TokenUsage
 
 
 class SqlUsageStore:
-    """Token usage from the SQL store (:class:`batchd.store.protocols.UsageStore`)."""
+    """Token usage from the SQL store (:class:`batchd.store.protocols.UsageStore`), rows of
+    :class:`~batchd.store.types.TokenUsage`."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -46,14 +24,17 @@ class SqlUsageStore:
     async def token_usage(self, project: str | None = None) -> list[TokenUsage]:
         """One row per (project, model) that has batches, ordered; one project's, or all."""
         live = batches.c.status.in_(UNFINISHED)
+        # One expression in the select and the GROUP BY: with a bound "" in each, PostgreSQL
+        # would see two expressions (and grouping by the label would name the column).
+        model = func.coalesce(batches.c.model, literal_column("''"))
         q = select(
             batches.c.project,
-            func.coalesce(batches.c.model, "").label("model"),
+            model.label("model"),
             func.coalesce(func.sum(case((live, batches.c.token_estimate), else_=0)), 0),
             func.coalesce(func.sum(batches.c.input_tokens), 0),
             func.coalesce(func.sum(batches.c.output_tokens), 0),
             func.coalesce(func.sum(case((live, 1), else_=0)), 0),
-        ).group_by(batches.c.project, func.coalesce(batches.c.model, ""))
+        ).group_by(batches.c.project, model)
         if project is not None:
             q = q.where(batches.c.project == project)
         async with self._db.read() as conn:

@@ -24,8 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from batchd.config import Settings
-from batchd.store.slots import fair_shares
-from batchd.store.state import QueueState
+from batchd.store.types import QueueState, fair_shares
 from batchd.telemetry import multiproc
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -61,7 +60,8 @@ class LimitsCollector(Collector):
 
 class ShareCollector(Collector):
     """Each project's fair share of each deployment's slots now, from the projects' wants
-    over the live engine processes (the division the slot leases make: store/slots.py)."""
+    over the live engine processes (the division the slot leases make:
+    :func:`batchd.store.types.fair_shares`)."""
 
     def __init__(self, settings: Settings, state: QueueState) -> None:
         self._settings = settings
