@@ -218,3 +218,23 @@ def test_a_batch_over_the_token_quota_reports_every_request_errored(
             assert "token limit" in r.result.error.error.message.lower()  # type: ignore[union-attr]
     finally:
         client.close()
+
+
+def test_a_wrong_method_names_the_allowed_ones(server: Server) -> None:
+    """405 on Anthropic's routes: `Allow` and the message list the methods, in its envelope."""
+    for method, path, allowed in (
+        ("PUT", "/v1/messages/batches", {"GET", "POST"}),
+        ("GET", "/v1/messages/batches/msgbatch_x/cancel", {"POST"}),
+        ("PATCH", "/v1/messages/batches/msgbatch_x", {"GET", "DELETE"}),
+    ):
+        req = urllib.request.Request(
+            server.url + path, method=method, headers={"x-api-key": API_KEY}
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 405
+        allow = {m.strip() for m in err.value.headers["allow"].split(",")}
+        assert allowed <= allow, (path, allow)
+        body = json.loads(err.value.read())
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+        assert all(m in body["error"]["message"] for m in allowed), body

@@ -118,7 +118,8 @@ def create_app(
     router = build_router()
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix, include_in_schema=prefix == "/v1")
-    app.include_router(messages.build_router(), prefix="/v1")
+    message_router = messages.build_router()
+    app.include_router(message_router, prefix="/v1")
     docs.install(app, {route.path for route in router.routes if hasattr(route, "path")})
     dashboard = DashboardService(
         settings,
@@ -157,15 +158,18 @@ def create_app(
         ok, body = await readiness.check()
         return json_response(body, 200 if ok else 503)
 
-    app.state.methods = _method_table(app, router)
+    app.state.methods = _method_table(
+        app, [*((prefix, router) for prefix in PREFIXES), ("/v1", message_router)]
+    )
     return app
 
 
-def _method_table(app: FastAPI, router: APIRouter) -> errors.MethodTable:
-    """Every route's methods: the trees' (``router`` under each prefix) and the app's own
-    (Anthropic's routes among them)."""
+def _method_table(app: FastAPI, routers: Sequence[tuple[str, APIRouter]]) -> errors.MethodTable:
+    """Every route's methods: each of ``routers`` under its prefix (the three trees and
+    Anthropic's routes; the app's list of routes does not hold included routers' routes on
+    every FastAPI release) and the app's own."""
     table = errors.MethodTable()
-    routes = [(prefix, r) for prefix in PREFIXES for r in router.routes]
+    routes = [(prefix, r) for prefix, included in routers for r in included.routes]
     for prefix, route in [*routes, *(("", r) for r in app.router.routes)]:
         if isinstance(route, Route) and route.methods:
             table.add(prefix + route.path, route.methods)
