@@ -72,7 +72,21 @@ async def _serve(settings: Settings, host: str, port: int, config: str | None) -
 
     owner = _owner("serve")
     store, blobs = await _open(settings)
-    hooks = []
+    closed = False
+
+    @contextlib.asynccontextmanager
+    async def closing() -> AsyncIterator[None]:
+        # Closed at the end of the lifespan (after the engine process stopped): uvicorn ends
+        # by raising the signal it caught again, so nothing after serve() may be counted on.
+        nonlocal closed
+        try:
+            yield
+        finally:
+            closed = True
+            await blobs.close()
+            await store.close()
+
+    hooks: list[contextlib.AbstractAsyncContextManager[None]] = [closing()]
     engine = None
     if settings.engine.embedded:
         engine = EngineProcess(config)
@@ -109,13 +123,16 @@ async def _serve(settings: Settings, host: str, port: int, config: str | None) -
             # Followed results streams would hold the graceful shutdown up to its timeout:
             # end them first (their readers resume after the last line they got).
             loop.call_soon_threadsafe(results.close)
+            if engine is not None:
+                engine.shutting_down()
             super().handle_exit(sig, frame)
 
     try:
         await Server(server_config).serve()
     finally:
-        await blobs.close()
-        await store.close()
+        if not closed:  # the lifespan never ran (the port was taken, say)
+            await blobs.close()
+            await store.close()
 
 
 async def _worker(
@@ -221,6 +238,13 @@ class EngineProcess:
         self.last_exit: int | None = None
         self.last_error = ""
         self.next_start_at: float | None = None
+        self._shutting_down = False
+
+    def shutting_down(self) -> None:
+        """The server is stopping: an exit of the engine from now on is expected (a Ctrl-C
+        reaches the whole process group, the engine first), not restarted or logged as an
+        error."""
+        self._shutting_down = True
 
     def wake(self) -> None:
         """Tell the engine process there is new work (a byte on its standard input, read
@@ -273,6 +297,9 @@ class EngineProcess:
             code = await proc.wait()
             multiproc.mark_dead(proc.pid)
             self.last_exit = code
+            if self._shutting_down:
+                log.info("the engine process stopped (%s)", code)
+                return
             if time.monotonic() - started > ENGINE_HEALTHY_SECONDS:
                 delay = ENGINE_RESTART_SECONDS
             self.next_start_at = time.time() + delay

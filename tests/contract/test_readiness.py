@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -18,7 +21,17 @@ from openai import OpenAI
 
 from batchd import cli
 from tests.conftest import base_config
-from tests.support import Server, Upstream, chat_lines, start_worker, wait_batch
+from tests.support import (
+    BATCHD,
+    Server,
+    Upstream,
+    chat_lines,
+    free_port,
+    start_worker,
+    wait_batch,
+    wait_http,
+    write_config,
+)
 
 
 def readyz(server: Server) -> tuple[int, dict[str, Any]]:
@@ -88,3 +101,34 @@ def test_a_dying_engine_is_restarted_with_backoff(
     assert status["last_error"] == "x ERROR batchd: boom (bad weights)"
     assert status["alive"] is False and status["next_start_in_seconds"] is not None
     assert "boom (bad weights)" in capfd.readouterr().err  # its output is passed on
+
+
+def test_ctrl_c_stops_serve_and_its_engine_quietly(upstream: Upstream, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C sends SIGINT to the whole process group, so the engine child
+    stops too, at the same time as the server: that is a shutdown, not an engine to start
+    again (no ERROR line, exit without a traceback)."""
+    port = free_port()
+    config = write_config(tmp_path, base_config(upstream))
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*BATCHD, "serve", "--config", str(config), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, as a terminal gives it
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
+        deadline = time.time() + 30
+        while "engine" not in log.read_text() or "started" not in log.read_text():
+            assert time.time() < deadline, log.read_text()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) in (0, -signal.SIGINT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert " ERROR " not in text and "Traceback" not in text, text[-3000:]
+    assert "the engine process stopped" in text
