@@ -268,6 +268,8 @@ def test_bad_parameters_and_other_projects(
             # past any position a store integer holds (it must not reach the store)
             ok_line.rsplit("_", 1)[0] + "_9223372036854775807": ("after", "invalid_value"),
             ok_line.rsplit("_", 1)[0] + "_" + "9" * 60: ("after", "invalid_value"),
+            # past the batch's last request (it has 2): a typo'd cursor would show nothing
+            ok_line.rsplit("_", 1)[0] + "_2": ("after", "invalid_value"),
         }
         for after, (param, code) in bad.items():
             _error(_get(server, first, tree=tree, after=after), 400, param, code)

@@ -68,16 +68,18 @@ async def test_a_pass_gives_every_committed_result_in_commit_order(svc: InMemory
 async def test_the_cursor_is_a_line_id_and_reading_resumes_after_it(svc: InMemory) -> None:
     batch, _ = await running(svc)
     first = parsed(await read_all(svc.results.lines(batch)))
-    after = cursor_of(batch.id, first[1]["id"])
+    after = cursor_of(batch, first[1]["id"])
     assert after == 1
     rest = parsed(await read_all(svc.results.lines(batch, after=after)))
     assert rest == first[2:]
     assert await read_all(svc.results.lines(batch, after=3)) == b""
-    assert cursor_of(batch.id, None) == cursor_of(batch.id, "") == -1
+    assert cursor_of(batch, None) == cursor_of(batch, "") == -1
+    assert cursor_of(batch, line_id(batch.id, batch.total - 1)) == batch.total - 1
     other = await svc.create(lines(1, "o"))
-    for bad in ("batch_req_nope", line_id(other.id, 0), first[1]["custom_id"]):
+    past_the_end = line_id(batch.id, batch.total)  # a typo'd cursor would show nothing
+    for bad in ("batch_req_nope", line_id(other.id, 0), first[1]["custom_id"], past_the_end):
         with pytest.raises(InvalidRequest) as err:
-            cursor_of(batch.id, bad)
+            cursor_of(batch, bad)
         assert err.value.param == "after"
 
 

@@ -430,8 +430,8 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
         follow: bool = False,
     ) -> Response:
         svc = services(request)
-        start = cursor_of(batch_id, after)
         rec = await svc.batches.get(proj, batch_id)
+        start = cursor_of(rec, after)
         headers = {"cache-control": "no-store", "x-accel-buffering": "no"}
         if request.method == "HEAD":
             return Response(headers=headers, media_type=NDJSON)

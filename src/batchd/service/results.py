@@ -58,13 +58,22 @@ class StreamGauge(Protocol):
     def dec(self, amount: float = 1) -> None: ...
 
 
-def cursor_of(batch_id: str, after: str | None) -> int:
+def cursor_of(batch: BatchRecord, after: str | None) -> int:
     """The position after which to read: -1 (from the start) for ``None`` or ``""``, else
     the position of line id ``after``. Raises :class:`InvalidRequest` (param ``after``) for
-    a malformed id or one of another batch."""
+    a malformed id, one of another batch, or one past the batch's last request (positions
+    run from 0 to ``total - 1``: a typo'd cursor would otherwise show nothing)."""
     if not after:
         return -1
+    batch_id = batch.id
     pos = position_of(batch_id, after)
+    if pos is not None and pos >= batch.total:
+        raise InvalidRequest(
+            f"after {excerpt(after)} is past the last result of batch "
+            f"{excerpt(batch_id, quote=False)}, which has {batch.total} requests.",
+            code="invalid_value",
+            param="after",
+        )
     if pos is None:
         raise InvalidRequest(
             f"after {excerpt(after)} is not the id of a result line of batch "
