@@ -34,6 +34,7 @@ from batchd.models import (
     MESSAGES_ENDPOINT,
     PURPOSE_BATCH,
     BatchRecord,
+    ValidationIssue,
     now,
 )
 from batchd.results.anthropic import anthropic_line, errored
@@ -79,6 +80,20 @@ def _model_of(item: Any) -> str | None:
     params = item.get("params") if isinstance(item, dict) else None
     model = params.get("model") if isinstance(params, dict) else None
     return model if isinstance(model, str) else None
+
+
+def _as_request_error(issue: ValidationIssue) -> InvalidRequest:
+    """A problem the activation found on line N of the batch input, named as the create
+    body's field: ``requests.<N-1>.params.<field>`` (the input line N is request N-1; its
+    ``body.<field>`` is the request's ``params.<field>``)."""
+    message = issue.message
+    if issue.line is None:
+        return InvalidRequest(message, code=issue.code)
+    where = f"requests.{issue.line - 1}"
+    if issue.param is not None and issue.param.startswith("body."):
+        where += ".params." + issue.param.removeprefix("body.")
+    message = re.sub(r"^Line \d+: ", "", message)
+    return InvalidRequest(f"{where}: {message}", code=issue.code, param=where)
 
 
 def jsonl_of(
@@ -199,8 +214,9 @@ class MessageBatchService:
             raise
         if rec.status == FAILED:
             await self._files.delete(project, file.id)
-            first = rec.errors[0].message if rec.errors else "The batch could not start."
-            raise InvalidRequest(first, code=rec.errors[0].code if rec.errors else None)
+            if not rec.errors:
+                raise InvalidRequest("The batch could not start.")
+            raise _as_request_error(rec.errors[0])
         row = MessageBatchRow(
             id=PREFIX + rec.id.removeprefix("batch_"),
             project=project,
