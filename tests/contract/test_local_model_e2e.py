@@ -140,12 +140,20 @@ def test_message_batches_answered_by_the_embedded_chat_model(local_server: Serve
         "system": "Answer in one short sentence.",
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
     }
+    stopped = {**params, "stop_sequences": ["Paris"]}
     created = claude.messages.batches.create(
-        requests=[{"custom_id": cid, "params": params} for cid in ("a", "b")]  # type: ignore[misc]
+        requests=[  # type: ignore[misc]
+            *({"custom_id": cid, "params": params} for cid in ("a", "b")),
+            {"custom_id": "s", "params": stopped},
+        ]
     )
     batch = wait_ended(claude, created.id, timeout=240)
-    assert batch.request_counts.succeeded == 2
+    assert batch.request_counts.succeeded == 3
     results = {r.custom_id: r.result for r in claude.messages.batches.results(created.id)}
+    cut = results.pop("s")
+    assert cut.type == "succeeded"
+    assert (cut.message.stop_reason, cut.message.stop_sequence) == ("stop_sequence", "Paris")
+    assert "Paris" not in cut.message.content[0].text  # type: ignore[union-attr]
     texts = []
     for result in results.values():
         assert result.type == "succeeded"

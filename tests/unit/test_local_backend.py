@@ -131,9 +131,12 @@ async def test_max_tokens_and_stop(chat: LocalBackend) -> None:
     short = await _ask(chat, "Count from 1 to 20.", max_completion_tokens=3)
     assert short["choices"][0]["finish_reason"] == "length"
     assert short["usage"]["completion_tokens"] == 3
-    stopped = await _ask(chat, FRANCE, stop=["Paris"])
+    assert short["choices"][0]["stop_reason"] is None
+    stopped = await _ask(chat, FRANCE, stop=["zebra", "Paris", "capital"])
     assert stopped["choices"][0]["finish_reason"] == "stop"
-    assert stopped["choices"][0]["message"]["content"] == "The capital of France is "
+    # cut at the first stop string in the text, named as vLLM does
+    assert stopped["choices"][0]["message"]["content"] == "The "
+    assert stopped["choices"][0]["stop_reason"] == "capital"
 
 
 async def test_completions_with_several_prompts_and_n(chat: LocalBackend) -> None:

@@ -295,6 +295,8 @@ class LocalBackend(Backend):
                 "message": {"role": "assistant", "content": r.text, "refusal": None},
                 "logprobs": _chat_logprobs(r),
                 "finish_reason": r.finish_reason,
+                # the stop string that ended it, as vLLM names it (null at end of turn)
+                "stop_reason": r.stop_sequence,
             }
             for i, r in enumerate(results)
         ]

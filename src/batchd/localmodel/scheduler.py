@@ -67,6 +67,7 @@ class GenerationResult:
     # When asked for: per token of ``text``, its bytes and log probability, and the most
     # likely tokens' (see :func:`batchd.localmodel.sampling.token_logprob`).
     logprobs: tuple[ByteLogprob, ...] | None = None
+    stop_sequence: str | None = None  # the stop string that ended ``text``, if one did
 
     @property
     def completion_tokens(self) -> int:
@@ -98,6 +99,7 @@ class _Sequence:
     position: int = 0  # position of pending[0]
     generated: list[int] = field(default_factory=list)
     stop_text: str | None = None  # the text cut at a stop string, once one is seen
+    stop_sequence: str | None = None  # that stop string
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the job asks
     save_prefix: tuple[int, ...] | None = None  # keep this prompt prefix's keys/values
 
@@ -283,9 +285,10 @@ class GenerationScheduler(ModelWorker[LoadedLlm, GenerationJob]):
         seq.generated.append(token)
         if seq.job.stop:
             text = tokenizer.decode(seq.generated)
-            cuts = [i for i in (text.find(s) for s in seq.job.stop) if i >= 0]
+            cuts = [(i, s) for s in seq.job.stop if (i := text.find(s)) >= 0]
             if cuts:
-                seq.stop_text = text[: min(cuts)]
+                at, seq.stop_sequence = min(cuts, key=lambda cut: cut[0])
+                seq.stop_text = text[:at]
                 return "stop"
         if len(seq.generated) >= seq.limit:
             return "length"
@@ -300,6 +303,7 @@ class GenerationScheduler(ModelWorker[LoadedLlm, GenerationJob]):
             finish_reason=reason,
             prompt_tokens=seq.prompt_tokens,
             logprobs=None if seq.job.logprobs is None else _byte_logprobs(tokenizer, seq, text),
+            stop_sequence=seq.stop_sequence,
         )
 
 
