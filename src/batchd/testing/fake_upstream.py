@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import random
 import time
 import uuid
@@ -497,10 +498,18 @@ def make_app(latency: float = 0.0) -> web.Application:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="A fake OpenAI-compatible upstream.")
+    parser = argparse.ArgumentParser(
+        description="A fake OpenAI-compatible (and /v1/messages) upstream for tests and "
+        "benchmarks.",
+        epilog="At run time: POST /_control with a JSON object of switches ("
+        + ", ".join(f.name for f in dataclasses.fields(Switches))
+        + "; see the Switches class), GET /_stats for what it saw, POST /_reset to clear both.",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
-    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds before each answer (default 0)"
+    )
     args = parser.parse_args()
     import uvloop
 
