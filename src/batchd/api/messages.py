@@ -21,7 +21,7 @@ from batchd.api.openapi import (
     MessageBatchObject,
     anthropic_responses,
 )
-from batchd.api.routes import GET, json_response, services
+from batchd.api.routes import GET, json_response, list_page, services
 from batchd.service.message_batches import MessageBatchService
 
 _MSGBATCH = r"^(msgbatch_[0-9a-f-]{36})?$"
@@ -130,14 +130,7 @@ def build_router() -> APIRouter:
             proj, limit=limit, after=after_id or None, before=before_id or None
         )
         data = [await svc.to_wire(row, rec, base_url(request)) for row, rec in rows]
-        return json_response(
-            {
-                "data": data,
-                "has_more": more,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None,
-            }
-        )
+        return json_response(list_page(data, more, object_=None))
 
     @router.api_route(
         "/messages/batches/{message_batch_id}",

@@ -91,14 +91,19 @@ def project(
     return services(request).auth.project(authorization, api_key)
 
 
-def _list_page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+def list_page(
+    data: list[dict[str, Any]], has_more: bool, *, object_: str | None = "list"
+) -> dict[str, Any]:
+    """A page of a cursor-paged list: OpenAI's (``"object": "list"``) or, with ``object_``
+    None, Anthropic's (the same fields, no ``object``)."""
+    page: dict[str, Any] = {} if object_ is None else {"object": object_}
+    page.update(
+        data=data,
+        first_id=data[0]["id"] if data else None,
+        last_id=data[-1]["id"] if data else None,
+        has_more=has_more,
+    )
+    return page
 
 
 class CreateBatch(msgspec.Struct, forbid_unknown_fields=False):
@@ -290,7 +295,7 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
         rows, more = await services(request).files.list(
             proj, purpose=purpose, limit=limit, after=after or None, order=order
         )
-        return json_response(_list_page([r.to_wire() for r in rows], more))
+        return json_response(list_page([r.to_wire() for r in rows], more))
 
     @router.api_route(
         "/files/{file_id}",
@@ -403,7 +408,7 @@ def build_router() -> APIRouter:  # noqa: C901 - one small handler per route
         after: str | None = Query(default=None, pattern=_AFTER_BATCH),
     ) -> Response:
         rows, more = await services(request).batches.list(proj, limit=limit, after=after or None)
-        return json_response(_list_page([r.to_wire() for r in rows], more))
+        return json_response(list_page([r.to_wire() for r in rows], more))
 
     @router.api_route(
         "/batches/{batch_id}",
